@@ -1,0 +1,129 @@
+"""The Analyse tab's run: tiles through the shared model, partial results streamed to the map.
+
+Closing the generator (the Stop button cancels the event) closes ``tiling.iter_analyze``,
+which stops cleanly after the batch in flight; the partial result stays in the session.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+import skymoe
+import tiling
+from tiling.errors import AOIError
+
+from app.errors import user_facing
+from app.handlers import counts_table, detections_table, grid_layer, parse_aoi
+from app.map_component import map_value
+from app.session import Session
+from app.state import ModelHolder
+
+__all__ = ["TASK_CHOICES", "QUERY_NEEDS", "SCOPES", "run_analysis", "answers_table"]
+
+logger = logging.getLogger(__name__)
+
+TASK_CHOICES = ["count", "ground", "caption", "classify", "vqa"]
+QUERY_NEEDS = {
+    "count": "the class to count (e.g. 'small vehicle')",
+    "ground": "the expression to find (e.g. 'the large ship near the pier')",
+    "vqa": "the question (e.g. 'Is there a runway?')",
+}
+SCOPES = ["Whole scene", "Area of interest"]
+ANSWER_COLUMNS = ["tile_id", "answer", "confidence"]
+
+Outputs = tuple[Session, str, pd.DataFrame, pd.DataFrame, pd.DataFrame, str]
+
+
+def answers_table(result: Any) -> pd.DataFrame:
+    """Per-tile text answers (caption / classify / VQA, and the raw text of other tasks)."""
+    if result is None:
+        return pd.DataFrame(columns=ANSWER_COLUMNS)
+    rows = [(a.tile_id, a.text, round(float(a.confidence), 3)) for a in result.tile_answers]
+    return pd.DataFrame(rows, columns=ANSWER_COLUMNS)
+
+
+def _check_request(session: Session, task: str, query: str | None, scope: str, aoi_text: str) -> Any:
+    """Validate the run's inputs before any tile is read; returns the AOI (or None)."""
+    if session.raster is None:
+        raise ValueError("No raster loaded: upload a GeoTIFF (or open one by path) first.")
+    if task not in TASK_CHOICES:
+        raise ValueError(f"Unknown task {task!r}; choose one of {TASK_CHOICES}.")
+    if task in QUERY_NEEDS and not query:
+        raise ValueError(f"The {task} task needs {QUERY_NEEDS[task]}: type it in the Query box.")
+    skymoe.build_prompt(task, query)
+    if scope != "Area of interest":
+        return None
+    aoi = parse_aoi(aoi_text)
+    if aoi is None:
+        raise AOIError("Scope is 'Area of interest' but no area is set: draw a rectangle with the ▭ button "
+                       "on the map (or type west,south,east,north), or choose 'Whole scene'.")
+    return aoi
+
+
+def _with_result(session: Session, result: Any, message: str) -> Session:
+    """``session`` holding ``result`` (partial or final), shown on the map."""
+    results = None
+    if not session.raster.pixel_mode:
+        results = tiling.to_geojson_lonlat(result.detections)
+        for row, feature in enumerate(results["features"]):
+            feature["properties"]["_row"] = row
+    answers = {str(a.tile_id): {"text": a.text, "confidence": float(a.confidence)} for a in result.tile_answers}
+    shown = session.map.replace(results=results, counts=dict(result.counts), answers=answers, message=message)
+    return session.replace(result=result, map=shown)
+
+
+def _summary(result: Any, done: int, total: int, finished: bool) -> str:
+    """Status markdown of a run."""
+    head = "Done" if finished else "Running"
+    lines = [f"**{head}**: {done}/{total} tiles ({result.tiles_skipped_nodata} skipped as nodata)."]
+    if result.counts:
+        lines.append("Counts: " + ", ".join(f"{k} **{v}**" for k, v in result.counts.items()))
+    if finished and result.scene_answer:
+        lines.append(f"Scene answer: {result.scene_answer}")
+    if finished and result.timings:
+        lines.append("Timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
+    return "\n\n".join(lines)
+
+
+def _outputs(session: Session, status: str) -> Outputs:
+    result = session.result
+    return (session, map_value(session.map), detections_table(result), counts_table(result),
+            answers_table(result), status)
+
+
+@user_facing("running the analysis")
+def run_analysis(session: Session, task: str, query: str, tile: int, overlap: int, batch_size: int,
+                 scope: str, aoi_text: str, *, holder: ModelHolder,
+                 progress: gr.Progress = gr.Progress()) -> Iterator[Outputs]:
+    """Run ``task`` over the scene or the AOI, yielding partial results after each batch.
+
+    Yields:
+        (session, map value, detections table, counts table, tile answers table, status markdown).
+    """
+    query = (query or "").strip() or None
+    aoi = _check_request(session, task, query, scope, aoi_text)
+    session = grid_layer(session, int(tile), int(overlap), aoi)
+    loaded = holder.get()
+    total = len(session.grid.tiles)
+    progress((0, total), desc="tiles", unit="tiles")
+    updates = tiling.iter_analyze(session.raster, task, query, model=loaded, aoi=aoi, tile=int(tile),
+                                  overlap=int(overlap), batch_size=int(batch_size))
+    try:
+        update = None
+        for update in updates:
+            progress((update.tiles_done, update.tiles_total), desc="tiles", unit="tiles")
+            message = f"{task}: {update.tiles_done}/{update.tiles_total} tiles"
+            session = _with_result(session, update.result_so_far, message)
+            yield _outputs(session, _summary(update.result_so_far, update.tiles_done, update.tiles_total, False))
+        if update is None:
+            raise AOIError("No tile to analyse: every tile of this area is nodata.")
+        result = update.result_so_far
+        session = _with_result(session, result, f"{task}: done, {len(result.detections)} detections")
+        logger.info("%s on %s: %d tiles, counts %s", task, session.name, update.tiles_total, result.counts)
+        yield _outputs(session, _summary(result, update.tiles_done, update.tiles_total, True))
+    finally:
+        updates.close()

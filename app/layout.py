@@ -1,0 +1,194 @@
+"""The Gradio Blocks: layout first, then the wiring of events to handlers (STYLE rule 13).
+
+Every event that touches the model shares one queue slot (``concurrency_id="model"``, limit 1):
+users take turns on the one shared model instead of loading it twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import gradio as gr
+
+from app import analysis, handlers, tile_handlers
+from app.map_component import make_map
+from app.server import PreviewStore
+from app.session import Session
+from app.settings import AppSettings
+from app.state import ModelHolder
+
+__all__ = ["build_demo", "CSS"]
+
+logger = logging.getLogger(__name__)
+
+CSS = """
+#skymoe-side { min-width: 380px; }
+#skymoe-notice p { margin: 0; }
+"""
+MODEL_QUEUE = {"concurrency_id": "model", "concurrency_limit": 1}
+
+
+@dataclass
+class _RasterTab:
+    upload: gr.File
+    server_path: gr.Textbox
+    bands: gr.Dropdown
+    custom_bands: gr.Textbox
+    stretch_low: gr.Number
+    stretch_high: gr.Number
+    pixel_mode: gr.Checkbox
+    load: gr.Button
+    info: gr.Markdown
+
+
+@dataclass
+class _AnalyseTab:
+    task: gr.Dropdown
+    query: gr.Textbox
+    tile: gr.Number
+    overlap: gr.Number
+    batch: gr.Number
+    scope: gr.Radio
+    aoi: gr.Textbox
+    run: gr.Button
+    stop: gr.Button
+    status: gr.Markdown
+
+
+@dataclass
+class _ResultsTab:
+    counts: gr.Dataframe
+    detections: gr.Dataframe
+    answers: gr.Dataframe
+    fmt: gr.Radio
+    export: gr.Button
+    file: gr.File
+
+
+def _raster_tab(settings: AppSettings, info: str) -> _RasterTab:
+    upload = gr.File(label=f"Upload a GeoTIFF (at most {settings.max_upload_mb:g} MB)", type="filepath",
+                     file_types=[".tif", ".tiff", ".vrt", ".img", ".jp2"])
+    folders = ", ".join(str(d) for d in settings.allowed_dirs)
+    server_path = gr.Textbox(label="...or a path on the server", placeholder=f"inside {folders}")
+    with gr.Row():
+        bands = gr.Dropdown(handlers.BAND_CHOICES, value="auto", label="Band preset")
+        custom_bands = gr.Textbox(label="Custom bands (1-based)", placeholder="4,3,2")
+    with gr.Row():
+        low = gr.Number(2, label="Stretch low %", minimum=0, maximum=100)
+        high = gr.Number(98, label="Stretch high %", minimum=0, maximum=100)
+    pixel = gr.Checkbox(False, label="Pixel coordinates (no CRS)")
+    load = gr.Button("Open raster", variant="primary")
+    return _RasterTab(upload, server_path, bands, custom_bands, low, high, pixel, load, gr.Markdown(info))
+
+
+def _analyse_tab() -> _AnalyseTab:
+    task = gr.Dropdown(analysis.TASK_CHOICES, value="count", label="Task")
+    query = gr.Textbox(label="Query: class to count, expression to find, or question",
+                       placeholder="small vehicle")
+    with gr.Row():
+        tile = gr.Number(504, label="Tile (px)", precision=0, minimum=64, maximum=4096)
+        overlap = gr.Number(64, label="Overlap (px)", precision=0, minimum=0, maximum=2048)
+        batch = gr.Number(8, label="Batch size", precision=0, minimum=1, maximum=64)
+    scope = gr.Radio(analysis.SCOPES, value="Whole scene", label="Run over")
+    aoi = gr.Textbox(label="Area of interest: west,south,east,north (degrees; draw it with ▭ on the map)")
+    with gr.Row():
+        run = gr.Button("Run", variant="primary")
+        stop = gr.Button("Stop", variant="stop")
+    return _AnalyseTab(task, query, tile, overlap, batch, scope, aoi, run, stop, gr.Markdown())
+
+
+def _results_tab() -> _ResultsTab:
+    counts = gr.Dataframe(handlers.counts_table(None), label="Counts", interactive=False)
+    detections = gr.Dataframe(handlers.detections_table(None), label="Detections (click a row to zoom)",
+                              interactive=False, max_height=320)
+    answers = gr.Dataframe(analysis.answers_table(None), label="Per-tile answers", interactive=False,
+                           max_height=240, wrap=True)
+    with gr.Row():
+        fmt = gr.Radio(list(handlers.EXPORT_FORMATS), value="GeoJSON (EPSG:4326)", label="Export as")
+        export = gr.Button("Export")
+    return _ResultsTab(counts, detections, answers, fmt, export, gr.File(label="Download", interactive=False))
+
+
+def build_demo(settings: AppSettings, holder: ModelHolder, previews: PreviewStore,
+               initial: Session, initial_info: str) -> gr.Blocks:
+    """The app's Blocks for ``settings``, sharing ``holder``'s model and ``previews``."""
+    with gr.Blocks(title="SkyMoE Geo") as demo:
+        session = gr.State(initial)
+        gr.Markdown("## SkyMoE Geo: ask a remote-sensing model about a GeoTIFF")
+        notice = gr.Markdown(elem_id="skymoe-notice")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                the_map = make_map(initial.map)
+            with gr.Column(scale=2, elem_id="skymoe-side"):
+                selected = gr.Textbox(label="Selected tile (click a grid tile on the map; used by Chat and Routing)",
+                                      placeholder="none: the first tile")
+                with gr.Tabs():
+                    with gr.Tab("Raster"):
+                        rt = _raster_tab(settings, initial_info)
+                    with gr.Tab("Analyse"):
+                        at = _analyse_tab()
+                    with gr.Tab("Results"):
+                        res = _results_tab()
+                    with gr.Tab("Chat"):
+                        chatbot = gr.Chatbot(label="Questions about the selected tile", height=360)
+                        question = gr.Textbox(label="Question", placeholder="Is there a runway?")
+                        ask = gr.Button("Ask", variant="primary")
+                    with gr.Tab("Routing"):
+                        rtask = gr.Dropdown(list(tile_handlers.ROUTING_QUERIES), value="caption",
+                                            label="Heatmaps for task")
+                        show_routing = gr.Button("Show routing on the selected tile", variant="primary")
+                        routing_note = gr.Markdown()
+                        heatmaps = gr.Image(label="Per-expert heatmaps", type="pil", interactive=False)
+                        loads = gr.Image(label="Expert load per task", type="pil", interactive=False)
+                    with gr.Tab("Model"):
+                        model_info = gr.Markdown()
+                        model_dir = gr.Textbox(str(settings.model_dir or ""), label="Checkpoint folder")
+                        with gr.Row():
+                            quant = gr.Radio(["4bit", "8bit", "none"], value=settings.quant, label="Quantization")
+                            device = gr.Radio(["auto", "cpu", "cuda"], value=settings.device, label="Device")
+                        load_model = gr.Button("Load model", variant="primary")
+
+        # Wiring.
+        demo.load(functools.partial(handlers.model_report, holder), None, [model_info],
+                  api_visibility="private").then(
+            functools.partial(_notice, holder), None, [notice], api_visibility="private")
+        rt.load.click(functools.partial(handlers.load_raster, settings=settings, previews=previews),
+                      [rt.upload, rt.server_path, rt.bands, rt.custom_bands, rt.stretch_low, rt.stretch_high,
+                       rt.pixel_mode, at.tile, at.overlap],
+                      [session, the_map, rt.info], api_name="load_raster")
+        the_map.aoi(handlers.on_aoi, [session], [session, at.aoi, at.scope], api_visibility="private")
+        the_map.tile_select(handlers.on_tile_select, None, [selected], api_visibility="private")
+        run_event = at.run.click(
+            functools.partial(analysis.run_analysis, holder=holder),
+            [session, at.task, at.query, at.tile, at.overlap, at.batch, at.scope, at.aoi],
+            [session, the_map, res.detections, res.counts, res.answers, at.status],
+            api_name="analyze", **MODEL_QUEUE)
+        at.stop.click(None, None, None, cancels=[run_event], api_name="stop")
+        res.detections.select(handlers.select_result_row, [session], [session, the_map], api_visibility="private")
+        res.export.click(handlers.export_result, [session, res.fmt], [res.file], api_name="export")
+        chat_inputs = [session, question, chatbot, selected]
+        chat_outputs = [chatbot, question, session, the_map]
+        chat_fn = functools.partial(tile_handlers.chat, holder=holder)
+        ask.click(chat_fn, chat_inputs, chat_outputs, api_name="chat", **MODEL_QUEUE)
+        question.submit(chat_fn, chat_inputs, chat_outputs, api_visibility="private", **MODEL_QUEUE)
+        show_routing.click(functools.partial(tile_handlers.routing, holder=holder), [session, selected, rtask],
+                           [heatmaps, loads, routing_note], api_name="routing", **MODEL_QUEUE)
+        load_model.click(functools.partial(handlers.load_model, holder=holder), [model_dir, quant, device],
+                         [model_info], api_name="load_model", **MODEL_QUEUE).then(
+            functools.partial(_notice, holder), None, [notice], api_visibility="private")
+    return demo
+
+
+def _notice(holder: ModelHolder) -> str:
+    """One line above the map: the model in use, or what is missing."""
+    status = holder.status
+    if status.loaded and status.summary is not None:
+        text = f"Model: `{status.path.name}` ({status.summary.quantization}, {status.summary.device})"
+        if status.notices:
+            text += " ⚠️ " + " ".join(status.notices)
+        return text
+    if status.loading:
+        return f"Model `{status.path}` is loading..."
+    return f"⚠️ No model loaded: {status.error or 'choose one in the Model tab'} (see the Model tab)."
