@@ -1,0 +1,1 @@
+"""Context-disentangled augmentation (CDA): count-varying cutout, spatial and colour attribute editing."""
