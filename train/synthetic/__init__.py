@@ -1,0 +1,15 @@
+"""Procedural synthetic aerial scenes with ground truth for all five SkyMoE tasks, and GeoTIFF mosaics.
+
+Public entry points: :func:`generate_scene`, :func:`generate_dataset`, :func:`build_scene`,
+:func:`render_scene`, :func:`write_mosaic` (``python -m train.synthetic.mosaic``).
+"""
+
+from train.synthetic.classes import OBJECT_CLASSES, SCENE_CLASSES
+from train.synthetic.geometry import GRID_CELLS, cell_bounds, grid_cell
+from train.synthetic.render import render_scene
+from train.synthetic.scene import annotate, build_scene, generate_scene
+
+__all__ = [
+    "OBJECT_CLASSES", "SCENE_CLASSES", "GRID_CELLS", "cell_bounds", "grid_cell",
+    "render_scene", "annotate", "build_scene", "generate_scene",
+]
