@@ -191,4 +191,4 @@ def _notice(holder: ModelHolder) -> str:
         return text
     if status.loading:
         return f"Model `{status.path}` is loading..."
-    return f"⚠️ No model loaded: {status.error or 'choose one in the Model tab'} (see the Model tab)."
+    return f"⚠️ No model loaded: {status.error or 'none was asked for at start'} Load one in the Model tab."

@@ -42,6 +42,7 @@ def parse_args(argv: Sequence[str] | None = None) -> AppSettings:
     parser.add_argument("--quant", choices=["4bit", "8bit", "none"], default="4bit")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--raster", type=Path, default=DEFAULT_RASTER, help="GeoTIFF shown at start")
+    parser.add_argument("--no-raster", action="store_true", help="start with an empty map")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: local only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--auth", type=_auth, default=None, help="require a login user:password")
@@ -52,10 +53,10 @@ def parse_args(argv: Sequence[str] | None = None) -> AppSettings:
     if args.max_upload_mb <= 0:
         parser.error(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     allowed = tuple(dict.fromkeys([AppSettings().allowed_dirs[0], *(d.resolve() for d in args.allow_dir)]))
-    if args.raster is not None:
+    if args.raster is not None and not args.no_raster:
         allowed = tuple(dict.fromkeys([*allowed, args.raster.resolve().parent]))
     return AppSettings(model_dir=None if args.no_model else args.model, quant=args.quant, device=args.device,
-                       raster=args.raster, host=args.host, port=args.port, auth=args.auth,
+                       raster=None if args.no_raster else args.raster, host=args.host, port=args.port, auth=args.auth,
                        max_upload_mb=args.max_upload_mb, allowed_dirs=allowed)
 
 

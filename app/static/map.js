@@ -35,6 +35,7 @@ const layers = {
   results: L.geoJSON(null, {style: resultStyle, onEachFeature: bindResult}),
   aoi: L.layerGroup(),
 };
+layers.grid.addTo(map);
 layers.aoi.addTo(map);
 layers.results.addTo(map);
 const control = L.control.layers(baseLayers, {
