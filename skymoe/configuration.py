@@ -1,0 +1,150 @@
+"""SkyMoE configuration: a LLaVA-1.5 config plus the Mixture-of-Experts fields.
+
+The MoE fields follow the SkyMoE paper (E experts per MoE layer, top-k routing,
+load-balancing auxiliary loss of eq. 7-8 weighted by alpha) and DESIGN.md section 3.
+"""
+
+import logging
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlavaConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.configuration_auto import AutoConfig
+
+from .errors import SkyMoEConfigError
+
+__all__ = ["SkyMoEConfig", "NUM_TASKS", "default_moe_layers"]
+
+logger = logging.getLogger(__name__)
+
+#: Number of task ids understood by ``router_mode="task"`` (the order of ``skymoe.prompts.TASK_IDS``).
+NUM_TASKS = 5
+
+
+def default_moe_layers(num_hidden_layers: int) -> list[int]:
+    """Every second decoder layer, odd indices: ``[1, 3, 5, ...]``.
+
+    This is Qwen2-MoE's ``decoder_sparse_step=2`` parity (a layer is sparse when
+    ``(idx + 1) % 2 == 0``): the first decoder layer stays dense, the last one of an
+    even-depth stack is sparse. For Vicuna-7B (32 layers) that is 16 MoE layers.
+
+    Args:
+        num_hidden_layers: Depth of the language model.
+
+    Returns:
+        The sorted MoE layer indices.
+    """
+    return list(range(1, num_hidden_layers, 2))
+
+
+@strict
+class SkyMoEConfig(LlavaConfig):
+    r"""Configuration of a SkyMoE vision-language model.
+
+    A :class:`transformers.LlavaConfig` (CLIP vision tower, 2-layer MLP projector,
+    Llama language model) with the MoE fields below. With no arguments it describes
+    the full-size layout: CLIP ViT-L/14 at 504 px (36 x 36 = 1296 image tokens),
+    a Llama-7B (Vicuna-7B) decoder, 8 experts, top-2, every second layer.
+
+    Args:
+        num_experts: E, experts per MoE layer (paper: 8). ``1`` means a dense model
+            (no MoE layers).
+        num_experts_per_tok: k, experts that process each token (paper: 2), ``1 <= k <= E``.
+        moe_layers: Decoder-layer indices whose FFN is a MoE block. ``None`` means every
+            second layer with ODD indices ``1, 3, 5, ...`` (Qwen2-MoE's parity, see
+            :func:`default_moe_layers`); ``[]`` means dense. Indices must lie in
+            ``[0, text_config.num_hidden_layers)``.
+        router_aux_loss_coef: alpha, weight of the load-balancing loss in ``LM + alpha * aux``.
+        norm_topk_prob: Renormalise the k selected router probabilities to sum to 1. Needed for
+            exact upcycling (k identical experts then reproduce the dense FFN).
+        router_mode: ``"token"``: the paper's router (eq. 3-4), logits ``W x``.
+            ``"task"``: ``W x + b[task]`` with a learned per-task bias ``b`` (zero at
+            initialisation), task ids passed as ``forward(task_ids=...)``.
+        num_tasks: Rows of the per-task bias table (``len(skymoe.TASK_IDS)``).
+        image_seq_length: Image tokens per image; derived from the vision config
+            (``(image_size // patch_size) ** 2``) when ``None``.
+    """
+
+    model_type = "skymoe"
+
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="clip_vision_model",
+            init_kwargs={
+                "intermediate_size": 4096,
+                "hidden_size": 1024,
+                "patch_size": 14,
+                "image_size": 504,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 16,
+                "vocab_size": 32000,
+                "projection_dim": 768,
+            },
+        ),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    image_seq_length: int | None = None
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_layers: list[int] | None = None
+    router_aux_loss_coef: float = 0.01
+    norm_topk_prob: bool = True
+    router_mode: Literal["token", "task"] = "token"
+    num_tasks: int = NUM_TASKS
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        grid_tokens = self.image_grid_size**2
+        if self.image_seq_length is None:
+            self.image_seq_length = grid_tokens
+        if self.moe_layers is None:
+            num_layers = self.text_config.num_hidden_layers
+            self.moe_layers = default_moe_layers(num_layers) if self.num_experts > 1 else []
+        self.moe_layers = sorted(int(i) for i in self.moe_layers)
+        self._check_moe_fields()
+
+    @property
+    def image_grid_size(self) -> int:
+        """Patches per side of the (square) image: ``image_size // patch_size``."""
+        return self.vision_config.image_size // self.vision_config.patch_size
+
+    @property
+    def is_moe(self) -> bool:
+        """True when at least one decoder layer is a MoE layer."""
+        return len(self.moe_layers) > 0
+
+    def _check_moe_fields(self) -> None:
+        """Check the MoE fields (called at the end of ``__post_init__``).
+
+        Raises:
+            SkyMoEConfigError: (a ``ValueError``) naming the bad field and value.
+        """
+        num_layers = self.text_config.num_hidden_layers
+        if self.num_experts < 1:
+            raise SkyMoEConfigError(f"num_experts must be >= 1, got {self.num_experts}")
+        if self.moe_layers and self.num_experts == 1:
+            raise SkyMoEConfigError(
+                f"moe_layers={self.moe_layers} needs num_experts >= 2; use moe_layers=[] for a dense model"
+            )
+        if self.moe_layers and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise SkyMoEConfigError(
+                f"num_experts_per_tok must lie in [1, num_experts={self.num_experts}], got {self.num_experts_per_tok}"
+            )
+        bad = [i for i in self.moe_layers if not 0 <= i < num_layers]
+        if bad:
+            raise SkyMoEConfigError(
+                f"moe_layers {bad} out of range: the language model has {num_layers} decoder layers "
+                f"(valid indices 0..{num_layers - 1})"
+            )
+        if len(set(self.moe_layers)) != len(self.moe_layers):
+            raise SkyMoEConfigError(f"moe_layers has duplicates: {self.moe_layers}")
+        if self.num_tasks < 1:
+            raise SkyMoEConfigError(f"num_tasks must be >= 1, got {self.num_tasks}")
+        if self.vision_config.image_size % self.vision_config.patch_size:
+            raise SkyMoEConfigError(
+                f"vision_config.image_size={self.vision_config.image_size} is not a multiple of "
+                f"patch_size={self.vision_config.patch_size}"
+            )

@@ -1,0 +1,233 @@
+"""SkyMoE model classes: the transformers Llava ladder with MoE decoder layers.
+
+``SkyMoEPreTrainedModel -> SkyMoEModel -> SkyMoEForConditionalGeneration`` extend the Llava
+classes; the language model is a :class:`~transformers.LlamaModel` whose layers listed in
+``config.moe_layers`` are :class:`SkyMoEDecoderLayer` (Llama's layer with its MLP swapped for a
+:class:`~skymoe.moe.SkyMoESparseBlock`).
+"""
+
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, LlamaModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers.models.llava.modeling_llava import (
+    LlavaCausalLMOutputWithPast,
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    LlavaMultiModalProjector,
+    LlavaPreTrainedModel,
+)
+from transformers.utils.generic import can_return_tuple
+
+from .configuration import SkyMoEConfig
+from .moe import SkyMoESparseBlock, SkyMoETaskBias, load_balancing_loss, record_router_outputs
+
+__all__ = [
+    "SkyMoECausalLMOutputWithPast",
+    "SkyMoEDecoderLayer",
+    "SkyMoETextModel",
+    "SkyMoEPreTrainedModel",
+    "SkyMoEModel",
+    "SkyMoEForConditionalGeneration",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SkyMoECausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
+    r"""Llava's output plus the two loss terms.
+
+    Attributes:
+        loss: ``lm_loss + router_aux_loss_coef * aux_loss`` (``lm_loss`` alone for a dense model),
+            when ``labels`` are given.
+        lm_loss: Next-token cross-entropy over the label positions that are not ``-100``.
+        aux_loss: Load-balancing loss (eq. 7-8, mean over MoE layers, padding masked);
+            ``None`` without labels or for a dense model.
+    """
+
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+class SkyMoEDecoderLayer(LlamaDecoderLayer):
+    """A Llama decoder layer whose FFN is a :class:`~skymoe.moe.SkyMoESparseBlock`.
+
+    ``forward`` is overridden only to hand ``task_ids`` to the MoE block: Llama's forward calls
+    ``self.mlp(hidden_states)`` with no way to pass them. Attention and norms are Llama's own.
+    """
+
+    def __init__(self, config: SkyMoEConfig, layer_idx: int):
+        super().__init__(config.text_config, layer_idx)
+        self.mlp = SkyMoESparseBlock(config, layer_idx)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        task_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Pre-norm attention then pre-norm MoE, both residual (paper eq. 1).
+
+        Args:
+            hidden_states: ``(batch, seq, hidden_size)``.
+            task_ids: ``(batch,)`` task ids for the task-aware router, or ``None``.
+            **kwargs: Llama's decoder-layer arguments (masks, rotary embeddings, cache, ...).
+
+        Returns:
+            ``(batch, seq, hidden_size)``.
+        """
+        residual = hidden_states
+        attn_out, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+        hidden_states = residual + attn_out
+        moe_out = self.mlp(self.post_attention_layernorm(hidden_states), task_ids=task_ids)
+        return hidden_states + moe_out
+
+
+class SkyMoETextModel(LlamaModel):
+    """Llama decoder stack with MoE layers at ``config.moe_layers``.
+
+    Built from the whole :class:`SkyMoEConfig` (its ``text_config`` becomes this model's config).
+    ``task_ids`` reach every decoder layer through the forward ``**kwargs``; dense layers ignore them.
+    """
+
+    _no_split_modules = ["LlamaDecoderLayer", "SkyMoEDecoderLayer"]
+
+    def __init__(self, config: SkyMoEConfig):
+        super().__init__(config.text_config)
+        for layer_idx in config.moe_layers:
+            self.layers[layer_idx] = SkyMoEDecoderLayer(config, layer_idx)
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Llama's init, plus a zero per-task router bias (so task routing starts as token routing)."""
+        super()._init_weights(module)
+        if isinstance(module, SkyMoETaskBias):
+            init.zeros_(module.weight)
+
+
+class SkyMoEPreTrainedModel(LlavaPreTrainedModel):
+    """Base class binding :class:`SkyMoEConfig` to the Llava pre-trained-model machinery."""
+
+    config: SkyMoEConfig
+    _no_split_modules = ["LlamaDecoderLayer", "SkyMoEDecoderLayer", "CLIPEncoderLayer"]
+
+
+class SkyMoEModel(SkyMoEPreTrainedModel, LlavaModel):
+    """Vision tower + projector + MoE language model, without the LM head."""
+
+    def __init__(self, config: SkyMoEConfig):
+        # LlavaModel.__init__ would build a dense language model through AutoModel; build ours instead.
+        super(LlavaModel, self).__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaMultiModalProjector(config)
+        self.language_model = SkyMoETextModel(config)
+        self.post_init()
+
+
+class SkyMoEForConditionalGeneration(SkyMoEPreTrainedModel, LlavaForConditionalGeneration):
+    """SkyMoE with its LM head: Llava's forward plus ``task_ids`` and the auxiliary loss."""
+
+    def __init__(self, config: SkyMoEConfig):
+        # LlavaForConditionalGeneration.__init__ would build a LlavaModel; build a SkyMoEModel instead.
+        super(LlavaForConditionalGeneration, self).__init__(config)
+        self.model = SkyMoEModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        task_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> SkyMoECausalLMOutputWithPast:
+        """Llava's forward, routing with ``task_ids`` and adding ``alpha * aux`` to the LM loss.
+
+        Args:
+            input_ids: ``(batch, seq)`` token ids; each image is ``image_seq_length`` image tokens.
+            pixel_values: ``(num_images, 3, image_size, image_size)`` normalised pixels.
+            attention_mask: ``(batch, seq)``, 0 on padding (also masks padding out of the aux loss).
+            position_ids: ``(batch, seq)``; ``generate`` derives them from the attention mask.
+            past_key_values: KV cache for incremental decoding.
+            inputs_embeds: ``(batch, seq, hidden_size)`` instead of ``input_ids``.
+            labels: ``(batch, seq)`` targets, ``-100`` where no loss is taken (prompt, image, padding).
+            logits_to_keep: Keep only the last N positions' logits (0 = all).
+            task_ids: ``(batch,)`` int64 index into ``skymoe.TASK_IDS`` (``-1`` = unknown) for
+                ``router_mode="task"``; ignored by the token router.
+            **kwargs: Passed to Llava's forward (e.g. ``vision_feature_layer``, ``use_cache``).
+
+        Returns:
+            :class:`SkyMoECausalLMOutputWithPast` with ``logits (batch, seq, vocab)`` and, when
+            ``labels`` are given, ``loss``, ``lm_loss`` and ``aux_loss``.
+        """
+        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        task_ids = self._checked_task_ids(task_ids, batch_size)
+        want_aux = labels is not None and self.config.is_moe
+        with record_router_outputs(self) if want_aux else nullcontext({}) as routing:
+            outputs = super().forward(
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                logits_to_keep=logits_to_keep,
+                task_ids=task_ids,
+                **kwargs,
+            )
+        lm_loss, aux_loss, loss = outputs.loss, None, outputs.loss
+        if want_aux:
+            aux_loss = self._aux_loss(routing, attention_mask)
+            loss = lm_loss + self.config.router_aux_loss_coef * aux_loss.to(lm_loss.device)
+        return SkyMoECausalLMOutputWithPast(
+            loss=loss,
+            lm_loss=lm_loss,
+            aux_loss=aux_loss,
+            logits=outputs.logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+    def _checked_task_ids(self, task_ids: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+        """Validate ``task_ids``: shape ``(batch,)``, integers in ``[-1, num_tasks)``."""
+        if task_ids is None:
+            return None
+        task_ids = torch.as_tensor(task_ids, dtype=torch.long)
+        if task_ids.ndim != 1 or task_ids.shape[0] != batch_size:
+            raise ValueError(f"task_ids must have shape (batch,) = ({batch_size},), got {tuple(task_ids.shape)}")
+        bad = task_ids[(task_ids < -1) | (task_ids >= self.config.num_tasks)]
+        if bad.numel():
+            raise ValueError(
+                f"task_ids {bad.tolist()} out of range: use -1 (unknown) or 0..{self.config.num_tasks - 1} "
+                "(the index in skymoe.TASK_IDS)"
+            )
+        return task_ids
+
+    def _aux_loss(self, routing: dict, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Eq. 7-8 loss from the recorded router outputs of one forward, padding masked out."""
+        probs = [torch.cat([r.probs for r in routing[idx]]) for idx in sorted(routing)]
+        token_mask = None
+        if attention_mask is not None and attention_mask.ndim == 2:
+            token_mask = attention_mask.reshape(-1)
+            if token_mask.numel() != probs[0].shape[0]:  # cached decoding: only the newest positions
+                seq = probs[0].shape[0] // attention_mask.shape[0]
+                token_mask = attention_mask[:, -seq:].reshape(-1)
+        return load_balancing_loss(probs, self.config.num_experts, token_mask)

@@ -1,0 +1,100 @@
+"""Ready-made configurations: a tiny one for tests and benchmarks, and the full-size layout.
+
+``make_tiny_checkpoint`` writes a random tiny model + processor as a loadable folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from .configuration import SkyMoEConfig
+
+__all__ = ["tiny_config", "full_size_config", "make_tiny_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+_TINY_VISION = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 56,
+    "patch_size": 14,
+    "projection_dim": 64,
+}
+_TINY_TEXT = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": 3,
+}
+
+
+def tiny_config(**overrides: Any) -> SkyMoEConfig:
+    """A tiny SkyMoE for CPU tests: CLIP 64 wide x 2 layers, Llama 64/128 wide x 4 layers, E=8, k=2.
+
+    Every Linear that 4-bit quantization touches has an input width that is a multiple of 64
+    (bitsandbytes' CPU kernels need it). Images are 56 px with 14 px patches (16 image tokens).
+
+    Args:
+        **overrides: ``SkyMoEConfig`` fields. ``vision_config`` / ``text_config`` given as dicts
+            are merged into the tiny defaults (so ``text_config={"num_hidden_layers": 2}`` works).
+
+    Returns:
+        The config; ``image_token_index`` defaults to the last vocabulary id.
+    """
+    vision = {**_TINY_VISION, **overrides.pop("vision_config", {})}
+    text = {**_TINY_TEXT, **overrides.pop("text_config", {})}
+    fields: dict[str, Any] = {
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "image_token_index": text["vocab_size"] - 1,
+        "projector_hidden_act": "gelu",
+        "router_aux_loss_coef": 0.01,
+    }
+    fields.update(overrides)
+    return SkyMoEConfig(vision_config=vision, text_config=text, **fields)
+
+
+def full_size_config(**overrides: Any) -> SkyMoEConfig:
+    """The paper's layout: CLIP ViT-L/14 at 504 px, Vicuna-7B (Llama-2 7B), E=8, top-2, every second layer.
+
+    Vocabulary and special ids follow llava-1.5-7b-hf (32064 ids, ``<image>`` = 32000, pad = 32001),
+    which :func:`~skymoe.conversion.convert_llava` starts from. Build it on the ``meta`` device to
+    count parameters without allocating them.
+
+    Args:
+        **overrides: ``SkyMoEConfig`` fields.
+
+    Returns:
+        The config (1296 image tokens per 504 px image, MoE layers 1, 3, ..., 31).
+    """
+    text = {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32064,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "pad_token_id": 32001,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    text.update(overrides.pop("text_config", {}))
+    fields: dict[str, Any] = {"image_token_index": 32000, "num_experts": 8, "num_experts_per_tok": 2}
+    fields.update(overrides)
+    return SkyMoEConfig(text_config=text, **fields)
