@@ -1,0 +1,353 @@
+"""Run a task over a whole raster: tiles -> SkyMoE -> georeferenced, merged answers.
+
+Flow per batch: the read-ahead thread hands stretched tiles (tiles without a
+single valid pixel are never sent to the model); the model answers them in
+one batched ``skymoe.generate`` call; each answer is parsed in tile pixels,
+boxes mostly over nodata (< 50 % valid pixels) or outside the AOI are
+dropped, and the rest become raster-pixel detections. After every batch the
+scene result is rebuilt: class-aware NMS across tiles (:mod:`tiling.merge`),
+polygons in the raster CRS, counts, scene answer (:mod:`tiling.compose`).
+
+Counting (``task="count"``) prompts the count task on every tile. Tiles whose
+answer holds boxes contribute boxes (merged by NMS, counted once); tiles that
+answer only an integer contribute that integer weighted by the share of the
+tile they own (:func:`tiling.merge.ownership_weighted_count`), so overlaps are
+not counted twice. ``counts[query] = merged boxes + round(weighted integers)``.
+For ``classify`` and ``vqa`` ``counts`` holds the number of tiles per answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+from rasterio.crs import CRS
+from shapely.geometry import Point
+
+import skymoe
+from tiling.compose import compose_scene_answer, normalise_answer
+from tiling.errors import ParameterError
+from tiling.georef import areas_m2, px_to_crs, tile_box_to_raster_px, tile_footprint_crs
+from tiling.merge import Detection, box_valid_share, nms, ownership_weighted_count
+from tiling.raster import Raster, open_raster
+from tiling.reading import TileBatch, iter_tile_batches
+from tiling.windows import Tile, TileGrid, make_grid
+
+__all__ = [
+    "DETECTION_COLUMNS",
+    "MIN_VALID_SHARE",
+    "TileAnswer",
+    "SceneResult",
+    "AnalysisUpdate",
+    "iter_analyze",
+    "analyze",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Columns of ``SceneResult.detections`` (plus ``geometry``).
+DETECTION_COLUMNS = ["label", "score", "task", "query", "tile_id", "area_m2"]
+
+#: Boxes with a smaller share of valid pixels are dropped as lying over nodata.
+MIN_VALID_SHARE = 0.5
+
+ProgressFn = Callable[[int, int], Any]
+
+
+@dataclass(frozen=True)
+class TileAnswer:
+    """One tile's answer.
+
+    Attributes:
+        tile_id: The tile.
+        bounds_crs: ``(left, bottom, right, top)`` of the tile's footprint in
+            the raster CRS (pixels in pixel mode).
+        text: The raw model answer.
+        confidence: exp(mean token log-probability), in (0, 1].
+        answer: The parsed, readable answer (caption, class, count, ...).
+        count: The integer the tile answered (count task), if any.
+        n_boxes: Boxes kept from this tile before cross-tile merging.
+    """
+
+    tile_id: int
+    bounds_crs: tuple[float, float, float, float]
+    text: str
+    confidence: float
+    answer: str = ""
+    count: int | None = None
+    n_boxes: int = 0
+
+
+@dataclass
+class SceneResult:
+    """Everything one run produced.
+
+    Attributes:
+        detections: One row per merged box: ``label, score, task, query,
+            tile_id, area_m2, geometry`` (polygon in ``crs``).
+        counts: Per label (see the module docstring for each task).
+        tile_answers: Per-tile answers in tile order.
+        scene_answer: One sentence for the scene (rules in :mod:`tiling.compose`).
+        timings: Seconds: ``open``, ``grid``, ``read`` (reader thread),
+            ``wait`` (model waiting for tiles), ``model``, ``merge``, ``total``.
+        crs: The raster CRS (``None`` in pixel mode).
+        tiles_total: Tiles of the grid (after skipping nodata tiles).
+        tiles_skipped_nodata: Tiles skipped as (mostly) nodata.
+        task: Task key.
+        query: The query.
+        tiles_done: Tiles answered so far.
+    """
+
+    detections: gpd.GeoDataFrame
+    counts: dict[str, int]
+    tile_answers: list[TileAnswer]
+    scene_answer: str
+    timings: dict[str, float]
+    crs: CRS | None
+    tiles_total: int
+    tiles_skipped_nodata: int
+    task: str = ""
+    query: str | None = None
+    tiles_done: int = 0
+
+
+@dataclass(frozen=True)
+class AnalysisUpdate:
+    """Progress after one batch.
+
+    Attributes:
+        tiles_done: Tiles processed so far (answered or found all-nodata).
+        tiles_total: Tiles of the grid.
+        new_detections: This batch's boxes that survive merging so far
+            (a later, better box may still replace one: ``result_so_far`` is
+            authoritative).
+        result_so_far: The scene result over every tile processed so far.
+    """
+
+    tiles_done: int
+    tiles_total: int
+    new_detections: gpd.GeoDataFrame
+    result_so_far: SceneResult
+
+
+@dataclass
+class _Run:
+    """Mutable state of one run (private to :func:`iter_analyze`)."""
+
+    raster: Raster
+    grid: TileGrid
+    task: str
+    query: str | None
+    detections: list[Detection] = field(default_factory=list)
+    answers: list[TileAnswer] = field(default_factory=list)
+    integer_counts: list[tuple[Tile, int]] = field(default_factory=list)
+    skipped_empty: int = 0
+    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("open", "grid", "read", "wait", "model", "merge", "total"), 0.0))
+
+    @property
+    def label(self) -> str:
+        """Label of boxes: the normalised query (or the task name without one)."""
+        return normalise_answer(self.query) if self.query else self.task
+
+
+def iter_analyze(
+    raster_or_path: Raster | str | Path,
+    task: str,
+    query: str | None = None,
+    model: Any = None,
+    aoi: Any = None,
+    tile: int = 504,
+    overlap: int = 64,
+    batch_size: int = 8,
+    progress: ProgressFn | None = None,
+    bands: Any = None,
+    stretch: tuple[float, float] | None = (2, 98),
+    pixel_mode: bool = False,
+    max_new_tokens: int = 64,
+    max_nodata: float = 0.9,
+    iou_threshold: float = 0.5,
+) -> Iterator[AnalysisUpdate]:
+    """Run ``task`` over every tile, yielding the result so far after each batch.
+
+    Closing the generator stops the reader thread after the batch in flight.
+
+    Args:
+        raster_or_path: An opened :class:`Raster`, or a path (then ``bands``,
+            ``stretch`` and ``pixel_mode`` are used to open it).
+        task: One of ``skymoe.TASKS`` (caption, classify, vqa, ground, count).
+        query: Class to count, expression to ground, or question (vqa).
+        model: ``skymoe.LoadedModel`` ``(model, processor)``.
+        aoi: Area of interest (any form of :func:`tiling.aoi.aoi_to_pixels`).
+        tile: Tile size (px).
+        overlap: Overlap between tiles (px).
+        batch_size: Tiles per model call.
+        progress: Called as ``progress(tiles_done, tiles_total)`` after each batch.
+        bands: Band choice when opening a path (see :func:`tiling.open_raster`).
+        stretch: Percentile stretch when opening a path.
+        pixel_mode: Accept a raster without CRS (results in pixels).
+        max_new_tokens: Generation budget per tile.
+        max_nodata: Skip tiles with a larger nodata share.
+        iou_threshold: NMS IoU threshold.
+
+    Yields:
+        One :class:`AnalysisUpdate` per batch (none when no tile is left to run).
+
+    Raises:
+        ParameterError: Unknown task, missing query or model, bad batch size.
+        TilingError: Raster, AOI or grid errors (see :func:`open_raster`, :func:`make_grid`).
+    """
+    start = time.perf_counter()
+    prompt = _check_request(task, query, model, batch_size)
+    raster = raster_or_path if isinstance(raster_or_path, Raster) else open_raster(
+        raster_or_path, bands=bands, stretch=stretch, pixel_mode=pixel_mode)
+    opened = time.perf_counter()
+    grid = make_grid(raster, tile=tile, overlap=overlap, aoi=aoi, max_nodata=max_nodata)
+    run = _Run(raster, grid, task, query)
+    run.timings["open"] = opened - start
+    run.timings["grid"] = time.perf_counter() - opened
+    done = 0
+    batches = iter_tile_batches(raster, grid.tiles, batch_size=batch_size)
+    try:
+        while True:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            run.timings["wait"] += time.perf_counter() - waited
+            if batch is None:
+                return
+            run.timings["read"] += batch.read_s
+            before = len(run.detections)
+            _run_batch(run, batch, model, prompt, max_new_tokens, batch_size)
+            done += len(batch.tiles)
+            run.timings["total"] = time.perf_counter() - start
+            result, kept = _result(run, done, iou_threshold)
+            new = kept[kept["_index"] >= before].drop(columns="_index")
+            if progress is not None:
+                progress(done, len(grid.tiles))
+            yield AnalysisUpdate(done, len(grid.tiles), new, result)
+    finally:
+        batches.close()
+
+
+def analyze(raster_or_path: Raster | str | Path, task: str, query: str | None = None, model: Any = None,
+            **kwargs: Any) -> SceneResult:
+    """Run ``task`` over the raster and return the final :class:`SceneResult`.
+
+    Takes the same arguments as :func:`iter_analyze`.
+    """
+    last = None
+    for last in iter_analyze(raster_or_path, task, query, model=model, **kwargs):
+        pass
+    if last is not None:
+        return last.result_so_far
+    raster = raster_or_path if isinstance(raster_or_path, Raster) else open_raster(
+        raster_or_path, bands=kwargs.get("bands"), stretch=kwargs.get("stretch", (2, 98)),
+        pixel_mode=kwargs.get("pixel_mode", False))
+    grid = make_grid(raster, tile=kwargs.get("tile", 504), overlap=kwargs.get("overlap", 64),
+                     aoi=kwargs.get("aoi"), max_nodata=kwargs.get("max_nodata", 0.9))
+    return _result(_Run(raster, grid, task, query), 0, kwargs.get("iou_threshold", 0.5))[0]
+
+
+def _check_request(task: str, query: str | None, model: Any, batch_size: int) -> str:
+    """Validate the request before any pixel is read; returns the prompt."""
+    if task not in skymoe.TASKS:
+        raise ParameterError(f"unknown task {task!r}; choose one of {sorted(skymoe.TASKS)}")
+    if model is None:
+        raise ParameterError("no model given: pass model=skymoe.load_model(DIR) (a LoadedModel)")
+    if int(batch_size) < 1:
+        raise ParameterError(f"batch_size must be at least 1, got {batch_size}")
+    try:
+        return skymoe.build_prompt(task, query)
+    except ValueError as exc:
+        raise ParameterError(f"cannot build the {task} prompt: {exc}") from exc
+
+
+def _run_batch(run: _Run, batch: TileBatch, model: Any, prompt: str, max_new_tokens: int,
+               batch_size: int) -> None:
+    """Send the batch's non-empty tiles to the model and record their answers."""
+    has_data = batch.valid.any(axis=(1, 2))  # (batch,)
+    run.skipped_empty += int((~has_data).sum())
+    picked = np.flatnonzero(has_data)
+    if picked.size == 0:
+        return
+    started = time.perf_counter()
+    images = [batch.images[i] for i in picked]  # (tile, tile, 3) uint8 each
+    generations = skymoe.generate(model.model, model.processor, images, [prompt] * len(images),
+                           max_new_tokens=max_new_tokens, batch_size=batch_size)
+    run.timings["model"] += time.perf_counter() - started
+    for i, gen in zip(picked, generations):
+        _record(run, batch.tiles[i], batch.valid[i], gen.text, float(gen.confidence))
+
+
+def _record(run: _Run, tile: Tile, valid: np.ndarray, text: str, confidence: float) -> None:
+    """Parse one tile's answer into detections, an integer count and a TileAnswer."""
+    parsed = skymoe.parse_answer(run.task, text, (tile.width_px, tile.height_px))
+    kept = 0
+    for box in parsed.boxes if run.task in ("ground", "count") else []:
+        envelope = (box.x1_px, box.y1_px, box.x2_px, box.y2_px)
+        if box_valid_share(envelope, valid) < MIN_VALID_SHARE:
+            continue
+        poly_px = tile_box_to_raster_px(box, tile)
+        if run.grid.aoi_px is not None and not run.grid.aoi_px.contains(Point(poly_px.centroid)):
+            continue
+        run.detections.append(Detection(run.label, confidence, tile.tile_id, poly_px))
+        kept += 1
+    if run.task == "count" and not parsed.boxes and parsed.count is not None:
+        run.integer_counts.append((tile, parsed.count))
+    answer = parsed.label if run.task == "classify" and parsed.label else parsed.answer
+    bounds = tile_footprint_crs(tile, run.raster.transform).bounds
+    run.answers.append(TileAnswer(tile.tile_id, bounds, text, confidence, answer or "", parsed.count, kept))
+
+
+def _result(run: _Run, done: int, iou_threshold: float) -> tuple[SceneResult, gpd.GeoDataFrame]:
+    """Merge everything so far; returns the result and the kept rows with their ``_index``."""
+    started = time.perf_counter()
+    indexed = {id(d): i for i, d in enumerate(run.detections)}
+    kept = nms(run.detections, iou_threshold=iou_threshold)
+    frame = _detections_frame(run, kept)
+    frame["_index"] = [indexed[id(d)] for d in kept]
+    counts, rule = _counts(run, len(kept))
+    scene = compose_scene_answer(run.task, run.query, run.answers, counts, len(kept), rule)
+    run.timings["merge"] += time.perf_counter() - started
+    result = SceneResult(
+        detections=frame.drop(columns="_index"), counts=counts, tile_answers=list(run.answers), scene_answer=scene,
+        timings=dict(run.timings), crs=run.raster.crs, tiles_total=len(run.grid.tiles),
+        tiles_skipped_nodata=run.grid.skipped_nodata + run.skipped_empty, task=run.task, query=run.query,
+        tiles_done=done,
+    )
+    return result, frame
+
+
+def _detections_frame(run: _Run, kept: list[Detection]) -> gpd.GeoDataFrame:
+    """The merged detections as a GeoDataFrame in the raster CRS."""
+    geoms = [px_to_crs(d.polygon_px, run.raster.transform) for d in kept]
+    frame = gpd.GeoDataFrame(
+        {"label": [d.label for d in kept], "score": np.array([d.score for d in kept], dtype=np.float64),
+         "task": [run.task] * len(kept), "query": [run.query] * len(kept),
+         "tile_id": np.array([d.tile_id for d in kept], dtype=np.int64)},
+        geometry=gpd.GeoSeries(geoms, crs=run.raster.crs), crs=run.raster.crs,
+    )
+    frame.insert(5, "area_m2", areas_m2(frame))
+    return frame
+
+
+def _counts(run: _Run, n_boxes: int) -> tuple[dict[str, int], str]:
+    """Scene counts and the rule used (module docstring)."""
+    if run.task in ("classify", "vqa"):
+        return dict(Counter(normalise_answer(a.answer) for a in run.answers if a.answer.strip())), "tiles per answer"
+    if run.task == "ground":
+        return ({run.label: n_boxes} if run.answers else {}), "boxes"
+    if run.task != "count" or not run.answers:
+        return {}, "none"
+    weighted = ownership_weighted_count(run.integer_counts, run.grid, run.raster.width, run.raster.height)
+    rule = {(True, False): "boxes", (False, True): "tile counts", (True, True): "boxes + tile counts"}.get(
+        (n_boxes > 0, bool(run.integer_counts)), "no readable count")
+    return {run.label: n_boxes + int(round(weighted))}, rule
+
