@@ -191,4 +191,5 @@ def _notice(holder: ModelHolder) -> str:
         return text
     if status.loading:
         return f"Model `{status.path}` is loading..."
-    return f"⚠️ No model loaded: {status.error or 'none was asked for at start'} Load one in the Model tab."
+    reason = (status.error or "none was asked for at start").rstrip(".")
+    return f"⚠️ No model loaded: {reason}. Load one in the Model tab."

@@ -30,14 +30,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(args: Sequence[str], log_path: Path, timeout_s: float = 180.0) -> Iterator[str]:
-    """Run ``python app.py ARGS --port N`` until the block ends; yields its base URL.
+def running_app(args: Sequence[str], log_path: Path, timeout_s: float = 180.0,
+                env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run ``python app.py ARGS --port N`` (extra environment ``env``) until the block ends; yields its URL.
 
     Raises:
         RuntimeError: the app exited or did not answer within ``timeout_s`` (its log is quoted).
     """
     port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1",
+               **(env or {}))
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "app.py"), *args, "--port", str(port)],
                                 cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
