@@ -29,6 +29,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
+from numbers import Real
 
 from skymoe.prompts import TASK_IDS
 
@@ -44,6 +45,7 @@ _BRACE_RE = re.compile(r"\{[^{}]*\}")
 _BARE_RE = re.compile(rf"(?:<\s*{_NUM}\s*>[\s,]*){{3}}<\s*{_NUM}\s*>(?:\s*\|\s*<?\s*{_NUM}\s*>?)?")
 _BRACKET_RE = re.compile(r"\[[^\[\]]*\]")
 _MAX_COUNT_DIGITS = 9
+_MAX_TILE_PX = 1e9
 
 _UNITS = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen "
@@ -78,7 +80,8 @@ class Box:
     Attributes:
         x1_px, y1_px: top-left corner in pixels of the tile.
         x2_px, y2_px: bottom-right corner in pixels of the tile.
-        angle_deg: the answer's rotation ``theta`` in degrees (0 where none was given).
+        angle_deg: the answer's ``theta``: rotation about the box centre in degrees, positive =
+            clockwise on screen (x right, y down); 0 where none was given.
     """
 
     x1_px: float
@@ -143,44 +146,51 @@ def _parse(task: str, text: str, tile_size: TileSize) -> ParsedAnswer:
     if not isinstance(text, str):
         issues.append(f"answer is not a string but {type(text).__name__}; read as empty")
         text = ""
-    parsed = ParsedAnswer(task=task if isinstance(task, str) else repr(task), text=text, issues=issues)
+    key = task if isinstance(task, str) else None
+    parsed = ParsedAnswer(task=key if key is not None else _short(task), text=text, issues=issues)
     body = text.strip()
     if body.endswith("</s>"):
         body = body.removesuffix("</s>").rstrip()
         issues.append("removed a trailing '</s>' end-of-sequence token")
     if not body:
         issues.append("empty answer")
-    if task in ("ground", "count"):
+    if key in ("ground", "count"):
         parsed.boxes, body = _read_boxes(body, tile_size, issues)
-    if task == "ground":
+    if key == "ground":
         parsed.answer = " ".join(body.split())
         if not parsed.boxes:
             issues.append("no valid box found in the grounding answer")
-    elif task == "count":
+    elif key == "count":
         parsed.count = _read_count(body, len(parsed.boxes), issues)
         parsed.answer = "" if parsed.count is None else str(parsed.count)
-    elif task == "classify":
+    elif key == "classify":
         parsed.label = _normalise_label(body) or None
         parsed.answer = parsed.label or ""
         if body and parsed.label is None:
-            issues.append(f"no class name left in {body!r} after removing prefixes")
-    elif task == "vqa":
+            issues.append(f"no class name left in {_short(body)} after removing prefixes")
+    elif key == "vqa":
         parsed.answer = _normalise_short_answer(body)
         if body and not parsed.answer:
-            issues.append(f"no answer left in {body[:80]!r} after normalising")
-    elif task == "caption":
+            issues.append(f"no answer left in {_short(body)} after normalising")
+    elif key == "caption":
         parsed.answer = body
     else:
         parsed.answer = body
-        issues.append(f"unknown task {task!r}; allowed tasks: {', '.join(TASK_IDS)}; kept the text as answer")
+        issues.append(f"unknown task {_short(task)}; allowed tasks: {', '.join(TASK_IDS)}; kept the text as answer")
     return parsed
 
 
+def _short(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for issue messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...(" + str(len(text)) + " chars)"
+
+
 def _tile_wh(tile_size: TileSize) -> tuple[float, float] | None:
-    """``(width_px, height_px)`` of ``tile_size``, or ``None`` if it is not one or two positive numbers."""
+    """``(width_px, height_px)`` of ``tile_size``, or ``None`` unless one or two numbers in [1, 1e9]."""
     sizes = tile_size if isinstance(tile_size, (tuple, list)) else (tile_size, tile_size)
     ok = len(sizes) == 2 and all(
-        isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0 for s in sizes
+        isinstance(s, Real) and not isinstance(s, bool) and 1 <= s <= _MAX_TILE_PX for s in sizes
     )
     return (float(sizes[0]), float(sizes[1])) if ok else None
 
@@ -210,7 +220,7 @@ def _read_boxes(body: str, tile_size: TileSize, issues: list[str]) -> tuple[list
     wh = _tile_wh(tile_size)
     spans = _box_spans(body)
     if wh is None and spans:
-        issues.append(f"tile_size {tile_size!r} is not a positive int or (width, height); boxes dropped")
+        issues.append(f"tile_size {_short(tile_size)} is not a size in pixels (int or (width, height), 1..1e9); boxes dropped")
     boxes: list[Box] = []
     for number, (start, end, kind) in enumerate(spans, start=1):
         box = _read_one_box(body[start:end], kind, number, wh, issues)
@@ -228,7 +238,7 @@ def _read_one_box(
     raw: str, kind: str, number: int, wh: tuple[float, float] | None, issues: list[str]
 ) -> Box | None:
     """One box span read into a :class:`Box` in pixels, or ``None`` (with an issue) if unusable."""
-    where = f"box {number} {raw!r}"
+    where = f"box {number} {_short(raw)}"
     coords_part, bar, angle_part = raw.partition("|")
     tokens = _NUM_RE.findall(coords_part)
     if len(tokens) != 4:
@@ -253,7 +263,9 @@ def _read_one_box(
     if wh is None:
         return None
     width_px, height_px = wh
-    return Box(x1 * width_px / 100, y1 * height_px / 100, x2 * width_px / 100, y2 * height_px / 100, angle)
+    x1_px, x2_px = (min(v * width_px / 100, width_px) for v in (x1, x2))  # min: float rounding at 100
+    y1_px, y2_px = (min(v * height_px / 100, height_px) for v in (y1, y2))
+    return Box(x1_px, y1_px, x2_px, y2_px, angle)
 
 
 def _read_angle(angle_part: str, has_bar: bool, where: str, issues: list[str]) -> float:
@@ -303,7 +315,7 @@ def _numbers_in(text: str, issues: list[str]) -> list[int]:
         if token[0] in "0123456789":
             whole = token.split(".")[0]
             if len(whole) > _MAX_COUNT_DIGITS:
-                issues.append(f"number {token[:20]}{'...' if len(token) > 20 else ''} is implausibly large; ignored")
+                issues.append(f"number {_short(token, 20)} is implausibly large; ignored")
                 continue
             value = float(token)
             if value != int(value):
@@ -328,7 +340,7 @@ def _read_count(body: str, n_boxes: int, issues: list[str]) -> int | None:
     words = set(re.findall(r"[^\W\d_]+", body.lower()))
     if words & _NONE_WORDS:
         return 0
-    issues.append(f"no count found in {body[:80]!r}")
+    issues.append(f"no count found in {_short(body)}")
     return None
 
 
@@ -339,13 +351,14 @@ def _normalise_label(body: str) -> str:
     """
     first = next((part for part in re.split(r"[\n.;!?]", body) if part.strip()), "")
     label = " ".join(first.lower().replace("_", " ").replace("-", " ").split())
-    changed = True
-    while changed and label:
-        changed = False
+    stripped = True
+    while label and stripped:
+        stripped = False
         for prefix in _LABEL_PREFIXES:
-            stripped = prefix.sub("", label, count=1) if prefix.match(label) else label
-            if stripped != label:
-                label, changed = stripped, True
+            match = prefix.match(label)
+            if match:
+                label, stripped = label[match.end() :], True
+                break
     return " ".join(re.sub(r"[^\w\s]", " ", label).replace("_", " ").split())
 
 

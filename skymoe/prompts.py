@@ -9,8 +9,9 @@ Answers follow GeoChat's conventions so GeoChat-style outputs parse
 
 - boxes: ``{<x1><y1><x2><y2>|<theta>}`` with integer values on a **0-100 grid** of the
   tile (0 = left/top edge, 100 = right/bottom edge, i.e. percent of the tile's width and
-  height; pixel corners, not centres), ``theta`` the rotation in integer degrees; several
-  boxes are concatenated without separator.
+  height; pixel corners, not centres), ``theta`` the box's rotation about its centre in
+  integer degrees, positive = clockwise on screen (x right, y down); several boxes are
+  concatenated without separator.
 - counts: a bare integer, e.g. ``"3"``.
 
 This module imports nothing from the rest of :mod:`skymoe` (only :mod:`skymoe.parsing`
@@ -182,7 +183,9 @@ def build_prompt(task: str, query: str | None = None, *, template_index: int = 0
     Args:
         task: a task key of :data:`TASKS`.
         query: the question (vqa), referring expression (ground) or class name (count);
-            stripped of surrounding whitespace. ``caption`` and ``classify`` take none.
+            stripped of surrounding whitespace. ``caption`` and ``classify`` take none: a
+            query given to them is ignored with a logged warning (a UI may pass whatever
+            its query box holds).
         template_index: which template of the task to use; 0 (the canonical one) at inference.
 
     Returns:
@@ -190,7 +193,7 @@ def build_prompt(task: str, query: str | None = None, *, template_index: int = 0
 
     Raises:
         ValueError: unknown task, a missing or empty query where one is required, a query
-            given to a task that takes none, or a template index out of range.
+            that is not a string, or a template index out of range.
     """
     spec = _spec(task)
     if not 0 <= template_index < len(spec.templates):
@@ -198,16 +201,13 @@ def build_prompt(task: str, query: str | None = None, *, template_index: int = 0
             f"template_index {template_index} out of range for task {task!r}: "
             f"it has {len(spec.templates)} templates (0..{len(spec.templates) - 1})"
         )
-    text = query.strip() if isinstance(query, str) else query
     if query is not None and not isinstance(query, str):
         raise ValueError(f"query must be a string, got {type(query).__name__}: {query!r}")
+    text = (query or "").strip()
     if spec.needs_query and not text:
         raise ValueError(f"task {task!r} needs {spec.query_kind} as query, got {query!r}")
     if not spec.needs_query and text:
-        raise ValueError(
-            f"task {task!r} takes no query, got {query!r}; "
-            f"tasks that take one: {', '.join(n for n in TASK_IDS if TASKS[n].needs_query)}"
-        )
+        logger.warning("task %r takes no query; ignoring %r", task, query)
     template = spec.templates[template_index]
     return template.format(query=text) if spec.needs_query else template
 

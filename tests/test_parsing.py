@@ -79,9 +79,18 @@ def test_grounding_without_boxes_and_bad_tile_size() -> None:
     assert parsed.boxes == []
     assert parsed.answer == "I cannot see it."
     assert "no valid box found in the grounding answer" in parsed.issues
-    bad = parse_answer("ground", GEOCHAT, 0)
-    assert bad.boxes == []
-    assert any("tile_size 0 is not a positive int" in issue for issue in bad.issues)
+    for bad_size in (0, -504, (504,), (504, 0), 1e12, float("nan"), "504", None, True):
+        bad = parse_answer("ground", GEOCHAT, bad_size)  # type: ignore[arg-type]
+        assert bad.boxes == []
+        assert any(f"tile_size {bad_size!r} is not a size in pixels" in issue for issue in bad.issues)
+    assert _xyxy(parse_answer("ground", GEOCHAT, 504.0).boxes) == _xyxy(parse_answer("ground", GEOCHAT, 504).boxes)
+
+
+def test_issue_messages_stay_short() -> None:
+    parsed = parse_answer("ground", "{" + "<1>" * 5000 + "}", 504)
+    assert parsed.boxes == []
+    assert len(parsed.issues) == 2 and all(len(issue) < 200 for issue in parsed.issues)
+    assert "expected 4 numbers x1 y1 x2 y2, found 5000" in parsed.issues[0]
 
 
 def test_round_trip_format_boxes_parse_answer() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import jinja2
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -94,9 +96,10 @@ def test_build_prompt_missing_query(task: str, query: str | None, needs: str) ->
         build_prompt(task, query)
 
 
-def test_build_prompt_rejects_extra_query_and_bad_index() -> None:
-    with pytest.raises(ValueError, match="takes no query"):
-        build_prompt("caption", "ships")
+def test_build_prompt_extra_query_warns_and_bad_input_raises(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="skymoe.prompts"):
+        assert build_prompt("caption", "ships") == TASKS["caption"].template
+    assert "task 'caption' takes no query; ignoring 'ships'" in caplog.text
     with pytest.raises(ValueError, match="query must be a string"):
         build_prompt("count", 3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="template_index 9 out of range"):
