@@ -17,6 +17,7 @@ from .modeling import (
 )
 from .moe import RouterOutput, SkyMoERouter, SkyMoESparseBlock, load_balancing_loss
 from .presets import full_size_config, tiny_config
+from .upcycling import upcycle
 
 __all__ = [
     "SkyMoEConfig",
@@ -28,6 +29,7 @@ __all__ = [
     "SkyMoERouter",
     "SkyMoESparseBlock",
     "load_balancing_loss",
+    "upcycle",
     "tiny_config",
     "full_size_config",
     "SkyMoEError",
