@@ -157,22 +157,26 @@ def build_demo(settings: AppSettings, holder: ModelHolder, previews: PreviewStor
         rt.load.click(functools.partial(handlers.load_raster, settings=settings, previews=previews),
                       [rt.upload, rt.server_path, rt.bands, rt.custom_bands, rt.stretch_low, rt.stretch_high,
                        rt.pixel_mode, at.tile, at.overlap],
-                      [session, the_map, rt.info], api_name="load_raster")
-        the_map.aoi(handlers.on_aoi, [session], [session, at.aoi, at.scope], api_visibility="private")
-        the_map.tile_select(handlers.on_tile_select, None, [selected], api_visibility="private")
+                      [session, the_map, rt.info], api_name="load_raster", show_progress_on=[rt.info])
+        the_map.aoi(handlers.on_aoi, [session], [session, at.aoi, at.scope], api_visibility="private",
+                    show_progress="hidden")
+        the_map.tile_select(handlers.on_tile_select, None, [selected], api_visibility="private",
+                            show_progress="hidden")
         run_event = at.run.click(
             functools.partial(analysis.run_analysis, holder=holder),
             [session, at.task, at.query, at.tile, at.overlap, at.batch, at.scope, at.aoi],
             [session, the_map, res.detections, res.counts, res.answers, at.status],
-            api_name="analyze", **MODEL_QUEUE)
+            api_name="analyze", show_progress_on=[at.status], **MODEL_QUEUE)
         at.stop.click(None, None, None, cancels=[run_event], api_name="stop")
-        res.detections.select(handlers.select_result_row, [session], [session, the_map], api_visibility="private")
+        res.detections.select(handlers.select_result_row, [session], [session, the_map], api_visibility="private",
+                              show_progress="hidden")
         res.export.click(handlers.export_result, [session, res.fmt], [res.file], api_name="export")
         chat_inputs = [session, question, chatbot, selected]
         chat_outputs = [chatbot, question, session, the_map]
         chat_fn = functools.partial(tile_handlers.chat, holder=holder)
-        ask.click(chat_fn, chat_inputs, chat_outputs, api_name="chat", **MODEL_QUEUE)
-        question.submit(chat_fn, chat_inputs, chat_outputs, api_visibility="private", **MODEL_QUEUE)
+        ask.click(chat_fn, chat_inputs, chat_outputs, api_name="chat", show_progress_on=[chatbot], **MODEL_QUEUE)
+        question.submit(chat_fn, chat_inputs, chat_outputs, api_visibility="private", show_progress_on=[chatbot],
+                        **MODEL_QUEUE)
         show_routing.click(functools.partial(tile_handlers.routing, holder=holder), [session, selected, rtask],
                            [heatmaps, loads, routing_note], api_name="routing", **MODEL_QUEUE)
         load_model.click(functools.partial(handlers.load_model, holder=holder), [model_dir, quant, device],
