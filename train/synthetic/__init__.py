@@ -5,11 +5,12 @@ Public entry points: :func:`generate_scene`, :func:`generate_dataset`, :func:`bu
 """
 
 from train.synthetic.classes import OBJECT_CLASSES, SCENE_CLASSES
+from train.synthetic.dataset import generate_dataset, sample_specs
 from train.synthetic.geometry import GRID_CELLS, cell_bounds, grid_cell
 from train.synthetic.render import render_scene
 from train.synthetic.scene import annotate, build_scene, generate_scene
 
 __all__ = [
     "OBJECT_CLASSES", "SCENE_CLASSES", "GRID_CELLS", "cell_bounds", "grid_cell",
-    "render_scene", "annotate", "build_scene", "generate_scene",
+    "render_scene", "annotate", "build_scene", "generate_scene", "generate_dataset", "sample_specs",
 ]

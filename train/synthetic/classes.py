@@ -104,7 +104,7 @@ OBJECT_CLASSES: Mapping[str, ObjectClass] = MappingProxyType({c.name: c for c in
                 palette=MappingProxyType({"blue": (64, 176, 214), "green": (70, 160, 130)})),
     ObjectClass("tree", "trees", (4.0, 11.0), (1.0, 1.0), 8.0,
                 _w(green=8, yellow=1, orange=1), round=True,
-                palette=MappingProxyType({"green": (46, 98, 40), "yellow": (168, 150, 40),
+                palette=MappingProxyType({"green": (50, 106, 42), "yellow": (168, 150, 40),
                                           "orange": (178, 96, 34)})),
 )})
 

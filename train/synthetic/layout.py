@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 #: Base RGB of each ground material.
 GROUNDS = {
     "grass": (98, 126, 66), "asphalt": (92, 93, 97), "concrete": (172, 170, 162), "dirt": (150, 128, 98),
-    "water": (40, 74, 92), "forest floor": (50, 74, 40), "gravel": (140, 136, 128), "sand": (196, 182, 150),
+    "water": (40, 74, 92), "forest floor": (72, 72, 46), "gravel": (140, 136, 128), "sand": (196, 182, 150),
 }
 
 
