@@ -176,7 +176,8 @@ def _parse(task: str, text: str, tile_size: TileSize) -> ParsedAnswer:
         parsed.answer = body
     else:
         parsed.answer = body
-        issues.append(f"unknown task {_short(task)}; allowed tasks: {', '.join(TASK_IDS)}; kept the text as answer")
+        allowed = ", ".join(TASK_IDS)
+        issues.append(f"unknown task {_short(task)}; allowed tasks: {allowed}; kept the text as answer")
     return parsed
 
 
@@ -195,20 +196,20 @@ def _tile_wh(tile_size: TileSize) -> tuple[float, float] | None:
     return (float(sizes[0]), float(sizes[1])) if ok else None
 
 
-def _box_spans(body: str) -> list[tuple[int, int, str]]:
-    """``(start, end, kind)`` of every box-like span in ``body``, in text order.
+def _box_spans(body: str) -> list[tuple[int, int]]:
+    """``(start, end)`` of every box-like span in ``body``, in text order.
 
-    ``kind`` is ``"brace"`` (``{...}``), ``"bare"`` (``<x1><y1><x2><y2>`` outside braces) or
-    ``"bracket"`` (``[...]`` holding exactly four numbers).
+    Spans are ``{...}`` (innermost braces), ``<x1><y1><x2><y2>`` outside braces, and
+    ``[...]`` holding exactly four numbers.
     """
-    spans = [(m.start(), m.end(), "brace") for m in _BRACE_RE.finditer(body)]
+    spans = [m.span() for m in _BRACE_RE.finditer(body)]
     masked = list(body)
-    for start, end, _ in spans:
+    for start, end in spans:
         masked[start:end] = " " * (end - start)
     rest = "".join(masked)
-    spans += [(m.start(), m.end(), "bare") for m in _BARE_RE.finditer(rest)]
+    spans += [m.span() for m in _BARE_RE.finditer(rest)]
     spans += [
-        (m.start(), m.end(), "bracket")
+        m.span()
         for m in _BRACKET_RE.finditer(rest)
         if len(_NUM_RE.findall(m.group(0))) == 4 and not _BARE_RE.search(m.group(0))
     ]
@@ -220,23 +221,24 @@ def _read_boxes(body: str, tile_size: TileSize, issues: list[str]) -> tuple[list
     wh = _tile_wh(tile_size)
     spans = _box_spans(body)
     if wh is None and spans:
-        issues.append(f"tile_size {_short(tile_size)} is not a size in pixels (int or (width, height), 1..1e9); boxes dropped")
+        issues.append(
+            f"tile_size {_short(tile_size)} is not a size in pixels "
+            "(int or (width, height), 1..1e9); boxes dropped"
+        )
     boxes: list[Box] = []
-    for number, (start, end, kind) in enumerate(spans, start=1):
-        box = _read_one_box(body[start:end], kind, number, wh, issues)
+    for number, (start, end) in enumerate(spans, start=1):
+        box = _read_one_box(body[start:end], number, wh, issues)
         if box is not None:
             boxes.append(box)
     pieces, last = [], 0
-    for start, end, _ in spans:
+    for start, end in spans:
         pieces.append(body[last:start])
         last = end
     pieces.append(body[last:])
     return boxes, " ".join("".join(pieces).split())
 
 
-def _read_one_box(
-    raw: str, kind: str, number: int, wh: tuple[float, float] | None, issues: list[str]
-) -> Box | None:
+def _read_one_box(raw: str, number: int, wh: tuple[float, float] | None, issues: list[str]) -> Box | None:
     """One box span read into a :class:`Box` in pixels, or ``None`` (with an issue) if unusable."""
     where = f"box {number} {_short(raw)}"
     coords_part, bar, angle_part = raw.partition("|")

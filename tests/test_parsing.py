@@ -105,7 +105,7 @@ def test_round_trip_format_boxes_parse_answer() -> None:
 
 @given(
     st.lists(
-        st.tuples(st.integers(0, 99), st.integers(0, 99), st.integers(1, 100), st.integers(1, 100), st.integers(-90, 90)),
+        st.tuples(*(st.integers(0, 99),) * 2, *(st.integers(1, 100),) * 2, st.integers(-90, 90)),
         max_size=6,
     ),
     st.integers(1, 4096),
@@ -221,7 +221,10 @@ _NASTY = st.sampled_from(
         "[refer]", "{<1><2><3><4>|<5>}", "<1><2><3><4>", "[0.1,0.2,0.3,0.4]", "🛰", "\u0663", "\x00", "\n",
     ]
 )
-_ANSWER_TEXT = st.one_of(st.text(max_size=200), st.lists(st.one_of(_NASTY, st.text(max_size=5)), max_size=30).map("".join))
+_ANSWER_TEXT = st.one_of(
+    st.text(max_size=200),
+    st.lists(st.one_of(_NASTY, st.text(max_size=5)), max_size=30).map("".join),
+)
 _TILE = st.one_of(
     st.integers(-5, 5000),
     st.tuples(st.integers(-5, 5000), st.integers(-5, 5000)),

@@ -189,7 +189,8 @@ def test_chat_template_equals_render_conversation(turns: list, add_generation_pr
     for env in _environments():
         template = env.from_string(VICUNA_CHAT_TEMPLATE)
         for typed in (False, True):
-            text = template.render(messages=_messages(turns, typed=typed), add_generation_prompt=add_generation_prompt)
+            messages = _messages(turns, typed=typed)
+            text = template.render(messages=messages, add_generation_prompt=add_generation_prompt)
             assert text == expected, (type(env).__name__, typed)
 
 
@@ -203,13 +204,22 @@ def test_chat_template_system_message_and_bad_role() -> None:
         template.render(messages=[{"role": "tool", "content": "x"}], add_generation_prompt=True)
 
 
-def test_chat_template_with_transformers_renderer() -> None:
-    """The compiled template transformers itself uses gives the same text."""
-    from transformers.utils.chat_template_utils import _compile_jinja_template
+def test_tokenizer_apply_chat_template_gives_the_same_text() -> None:
+    """Through transformers' public apply_chat_template (a tiny offline word-level tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    turns = CONVERSATIONS[2]
-    text = _compile_jinja_template(VICUNA_CHAT_TEMPLATE).render(messages=_messages(turns), add_generation_prompt=True)
-    assert text == render_conversation(turns)
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1, "<s>": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", bos_token="<s>", eos_token="</s>",
+        chat_template=VICUNA_CHAT_TEMPLATE,
+    )
+    for turns in CONVERSATIONS:
+        for typed in (False, True):
+            messages = _messages(turns, typed=typed)
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            assert text == render_conversation(turns)
 
 
 def test_format_boxes_geochat_syntax() -> None:
@@ -218,7 +228,8 @@ def test_format_boxes_geochat_syntax() -> None:
     assert format_boxes([(0, 0, 100, 100)]) == "{<0><0><100><100>|<0>}"
     assert format_boxes([]) == ""
     # Thinner than a grid unit: kept one unit wide instead of collapsing.
-    assert format_boxes([(10.1, 20.0, 10.3, 30.0), (99.8, 5, 100, 6)]) == "{<10><20><11><30>|<0>}{<99><5><100><6>|<0>}"
+    thin = format_boxes([(10.1, 20.0, 10.3, 30.0), (99.8, 5, 100, 6)])
+    assert thin == "{<10><20><11><30>|<0>}{<99><5><100><6>|<0>}"
 
 
 @pytest.mark.parametrize(
