@@ -140,6 +140,17 @@ def test_render_conversation_exact_text() -> None:
     assert render_conversation([("<image>\nq1", None)]) == render_conversation([("q1", None)])
 
 
+@pytest.mark.parametrize("turns", [[("q1", "a1")], [("q1", "a1"), ("q2", "a2"), ("q3", "a3")]])
+def test_generation_prompt_is_a_prefix_of_the_answered_text(turns: list[tuple[str, str]]) -> None:
+    """Training masks labels by this: the prompt up to "ASSISTANT:" is a prefix of the full text."""
+    full = render_conversation(turns, add_generation_prompt=False)
+    for i, (user, answer) in enumerate(turns):
+        head = render_conversation([*turns[:i], (user, None)])
+        upto = render_conversation(turns[: i + 1], add_generation_prompt=False)
+        assert full.startswith(upto) and upto.startswith(head)
+        assert upto[len(head) :] == f" {answer}</s>"
+
+
 def test_render_conversation_errors() -> None:
     with pytest.raises(ValueError, match="at least one"):
         render_conversation([])
