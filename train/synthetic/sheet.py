@@ -53,11 +53,11 @@ def contact_sheet(n: int, seed: int, size_px: int = 504, gsd_m: float = 0.3, col
         lines = [f"{ann.scene_class} d={difficulty:.2f} n={len(ann.objects)}"]
         if qa:
             lines += [qa.question[:70], f"-> {qa.answer}"]
+        top = size_px - 6 - 14 * len(lines)
+        tile[top:] = (tile[top:] * 0.35).astype(np.uint8)
         for k, line in enumerate(lines):
-            cv2.putText(tile, line, (4, size_px - 8 - 14 * (len(lines) - 1 - k)), cv2.FONT_HERSHEY_PLAIN, 0.9,
-                        (255, 255, 255), 2)
-            cv2.putText(tile, line, (4, size_px - 8 - 14 * (len(lines) - 1 - k)), cv2.FONT_HERSHEY_PLAIN, 0.9,
-                        (0, 0, 0), 1)
+            cv2.putText(tile, line, (4, top + 13 + 14 * k), cv2.FONT_HERSHEY_PLAIN, 0.9, (255, 255, 255), 1,
+                        cv2.LINE_AA)
         tiles.append(tile)
     while len(tiles) % cols:
         tiles.append(np.zeros_like(tiles[0]))
