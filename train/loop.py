@@ -409,7 +409,11 @@ def _make_accelerator(loop_cfg: LoopConfig):
     bf16 = loop_cfg.bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if loop_cfg.bf16 and not bf16:
         logger.info("bf16 requested but this hardware has no bf16 CUDA; training in fp32")
-    return Accelerator(gradient_accumulation_steps=accum, mixed_precision="bf16" if bf16 else "no"), accum
+    accelerator = Accelerator(gradient_accumulation_steps=accum, mixed_precision="bf16" if bf16 else "no")
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:  # the loop batches its own data, so DeepSpeed cannot infer the micro-batch
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = loop_cfg.per_device_batch_size
+    return accelerator, accum
 
 
 def _make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
