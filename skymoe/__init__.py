@@ -1,11 +1,11 @@
 """SkyMoE: a Mixture-of-Experts vision-language model for remote sensing, built on transformers.
 
 Importing :mod:`skymoe` registers ``model_type="skymoe"`` with transformers' Auto classes
-(AutoConfig, AutoModel, AutoModelForImageTextToText) so ``from_pretrained`` works on SkyMoE
-folders; this registration is the package's only import-time action.
+(AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor) so ``from_pretrained``
+works on SkyMoE folders; this registration is the package's only import-time action.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration import SkyMoEConfig
 from .errors import CheckpointError, SkyMoEConfigError, SkyMoEError, SkyMoELoadWarning
@@ -16,10 +16,36 @@ from .modeling import (
     SkyMoEPreTrainedModel,
 )
 from .moe import RouterOutput, SkyMoERouter, SkyMoESparseBlock, load_balancing_loss
-from .presets import full_size_config, tiny_config
+from .parsing import Box, ParsedAnswer, parse_answer
+from .presets import full_size_config, make_tiny_checkpoint, tiny_config
+from .processing import SkyMoEProcessor, to_rgb_image
+from .prompts import (
+    TASK_IDS,
+    TASKS,
+    VICUNA_CHAT_TEMPLATE,
+    TaskSpec,
+    build_prompt,
+    format_boxes,
+    render_conversation,
+    task_of_prompt,
+)
+from .tokenization import build_tokenizer
 from .upcycling import upcycle
 
 __all__ = [
+    # prompts and answers
+    "TASKS",
+    "TASK_IDS",
+    "TaskSpec",
+    "VICUNA_CHAT_TEMPLATE",
+    "build_prompt",
+    "render_conversation",
+    "task_of_prompt",
+    "format_boxes",
+    "Box",
+    "ParsedAnswer",
+    "parse_answer",
+    # model
     "SkyMoEConfig",
     "SkyMoEPreTrainedModel",
     "SkyMoEModel",
@@ -30,8 +56,15 @@ __all__ = [
     "SkyMoESparseBlock",
     "load_balancing_loss",
     "upcycle",
+    # processing
+    "SkyMoEProcessor",
+    "to_rgb_image",
+    "build_tokenizer",
+    # presets
     "tiny_config",
     "full_size_config",
+    "make_tiny_checkpoint",
+    # errors
     "SkyMoEError",
     "CheckpointError",
     "SkyMoEConfigError",
@@ -44,6 +77,7 @@ def _register_auto_classes() -> None:
     AutoConfig.register("skymoe", SkyMoEConfig, exist_ok=True)
     AutoModel.register(SkyMoEConfig, SkyMoEModel, exist_ok=True)
     AutoModelForImageTextToText.register(SkyMoEConfig, SkyMoEForConditionalGeneration, exist_ok=True)
+    AutoProcessor.register(SkyMoEConfig, SkyMoEProcessor, exist_ok=True)
 
 
 _register_auto_classes()

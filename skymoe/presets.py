@@ -9,7 +9,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .configuration import SkyMoEConfig
+from .modeling import SkyMoEForConditionalGeneration
+from .processing import SkyMoEProcessor
+from .prompts import TASKS, build_prompt, render_conversation
+from .tokenization import build_tokenizer
 
 __all__ = ["tiny_config", "full_size_config", "make_tiny_checkpoint"]
 
@@ -98,3 +104,56 @@ def full_size_config(**overrides: Any) -> SkyMoEConfig:
     fields: dict[str, Any] = {"image_token_index": 32000, "num_experts": 8, "num_experts_per_tok": 2}
     fields.update(overrides)
     return SkyMoEConfig(text_config=text, **fields)
+
+
+def _tokenizer_corpus() -> list[str]:
+    """Short task-style texts to train the tiny tokenizer on (prompts, answers, chat frame)."""
+    queries = {"count": "small vehicle", "ground": "the red car near the road", "vqa": "Is there a runway?"}
+    prompts = [build_prompt(task, queries.get(task)) for task in TASKS]
+    answers = [
+        "The image shows a parking lot with many cars and a road.",
+        "There are 12 small vehicles.",
+        "{<10><20><30><40>|<0>}",
+        "Yes",
+        "No",
+        "airport",
+        "harbor with ships",
+    ]
+    return [render_conversation([(p, a)]) for p in prompts for a in answers]
+
+
+def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a random tiny SkyMoE + processor as a loadable folder (safetensors, < 1 MB, ~0.1 s).
+
+    The tokenizer comes from :func:`~skymoe.tokenization.build_tokenizer`; the config from
+    :func:`tiny_config` with the vocabulary and special-token ids set to match it.
+
+    Args:
+        out_dir: Folder to create (or overwrite files in).
+        seed: Torch seed for the random weights (same seed, same weights).
+        **overrides: ``tiny_config`` overrides, e.g. ``router_mode="task"`` or ``moe_layers=[]``.
+
+    Returns:
+        The folder path, loadable with :func:`skymoe.load_model`.
+    """
+    tokenizer = build_tokenizer(_tokenizer_corpus(), vocab_size=320)
+    text = {
+        "vocab_size": -(-len(tokenizer) // 64) * 64,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    text.update(overrides.pop("text_config", {}))
+    overrides.setdefault("image_token_index", tokenizer.convert_tokens_to_ids("<image>"))
+    config = tiny_config(text_config=text, **overrides)
+    torch.manual_seed(seed)
+    model = SkyMoEForConditionalGeneration(config).eval()
+    model.generation_config.update(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    SkyMoEProcessor.for_config(config, tokenizer).save_pretrained(out)
+    logger.info("wrote a tiny SkyMoE checkpoint to %s", out)
+    return out
