@@ -15,7 +15,7 @@ import numpy as np
 
 from train.synthetic.render import fractal_noise, texture
 
-__all__ = ["Zone", "Layout", "build_layout", "LAYOUT_BUILDERS", "GROUNDS"]
+__all__ = ["Zone", "Layout", "build_layout", "dashes", "LAYOUT_BUILDERS", "GROUNDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,8 @@ def _line_mask(h: int, w: int, pts: np.ndarray, width_px: int) -> np.ndarray:
     return mask.astype(bool)
 
 
-def _dashes(ground: np.ndarray, p0, p1, rgb, dash_px: int, thickness: int = 1) -> None:
+def dashes(ground: np.ndarray, p0, p1, rgb, dash_px: int, thickness: int = 1) -> None:
+    """Draw a dashed line (dashes and gaps of ``dash_px``) from ``p0`` to ``p1`` (x, y pixels) on ``ground``."""
     p0, p1 = np.asarray(p0, float), np.asarray(p1, float)
     n = int(np.linalg.norm(p1 - p0) // (2 * dash_px))
     for i in range(n):
@@ -124,7 +125,7 @@ def _road(rng, ground: np.ndarray, h: int, w: int, gsd_m: float, horizontal: boo
     _paint(rng, ground, mask, GROUNDS[material], 7, 1.0)
     if centre_line and material == "asphalt":
         p0, p1 = ((0, c), (w, c)) if horizontal else ((c, 0), (c, h))
-        _dashes(ground, p0, p1, (222, 222, 210), _m(gsd_m, 3.0))
+        dashes(ground, p0, p1, (222, 222, 210), _m(gsd_m, 3.0))
     return mask, Zone(lanes, angle=0.0 if horizontal else 90.0, turns=(0.0, 180.0), jitter_deg=1.5)
 
 
@@ -164,7 +165,7 @@ def _parking_lot(rng, h, w, gsd_m, difficulty) -> Layout:
     lane_w = _m(gsd_m, 9.0)
     lane_c = verge + lane_w // 2 + 2
     cv2.line(ground, (0, verge + 1), (w, verge + 1), (190, 190, 184), 1, cv2.LINE_AA)
-    _dashes(ground, (0, lane_c), (w, lane_c), (222, 210, 120), _m(gsd_m, 3.0))
+    dashes(ground, (0, lane_c), (w, lane_c), (222, 210, 120), _m(gsd_m, 3.0))
     margin = _m(gsd_m, 3.0)
     slots = _stalls(h, w, gsd_m, ground, verge + lane_w, h - margin, margin, w - margin)
     lane = _band(h, w, True, lane_c - _m(gsd_m, 2.6), lane_c - _m(gsd_m, 1.8)) | \
@@ -213,11 +214,11 @@ def _airport(rng, h, w, gsd_m, difficulty) -> Layout:
     _paint(rng, ground, runway, (108, 108, 110), 6)
     for y in (r0 + 2, r0 + rw - 3):
         cv2.line(ground, (0, y), (w, y), (230, 230, 226), 1, cv2.LINE_AA)
-    _dashes(ground, (0, r0 + rw // 2), (w, r0 + rw // 2), (236, 236, 232), _m(gsd_m, 10.0), 2)
+    dashes(ground, (0, r0 + rw // 2), (w, r0 + rw // 2), (236, 236, 232), _m(gsd_m, 10.0), 2)
     t0 = r0 + rw + _m(gsd_m, 10.0)
     apron = _band(h, w, True, t0, h)
     _paint(rng, ground, apron, GROUNDS["concrete"], 8)
-    _dashes(ground, (0, t0 + tw // 2), (w, t0 + tw // 2), (220, 190, 60), _m(gsd_m, 2.0))
+    dashes(ground, (0, t0 + tw // 2), (w, t0 + tw // 2), (220, 190, 60), _m(gsd_m, 2.0))
     stands = _band(h, w, True, t0 + tw, h)
     zones = {"apron": Zone(stands, keep_out=~apron, angle=90.0, turns=(0.0, 180.0), jitter_deg=12.0),
              "service": Zone(stands, keep_out=~apron)}

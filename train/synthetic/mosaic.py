@@ -34,9 +34,9 @@ from train.annotations import AnnotatedImage, ObjectAnnotation
 from train.synthetic.classes import SCENE_CLASSES
 from train.synthetic.dataset import sample_seed
 from train.synthetic.graph import PlacedObject, SceneGraph
-from train.synthetic.layout import GROUNDS, Layout, Zone, _dashes
+from train.synthetic.layout import GROUNDS, Zone, dashes
 from train.synthetic.render import render_scene, texture
-from train.synthetic.scene import _annotation, _Placer, build_scene
+from train.synthetic.scene import Placer, build_scene, object_annotation
 
 __all__ = ["Mosaic", "build_mosaic", "write_mosaic", "objects_geojson", "main"]
 
@@ -99,8 +99,8 @@ def _road_grid(rng: np.random.Generator, ground: np.ndarray, cell_px: int, road_
     asphalt = texture(rng, size, size, GROUNDS["asphalt"], 7)
     np.copyto(ground, asphalt, where=road[..., None])
     for c in range(cell_px, size, cell_px):
-        _dashes(ground, (0, c), (size, c), (222, 222, 210), int(3 / gsd_m))
-        _dashes(ground, (c, 0), (c, size), (222, 222, 210), int(3 / gsd_m))
+        dashes(ground, (0, c), (size, c), (222, 222, 210), int(3 / gsd_m))
+        dashes(ground, (c, 0), (c, size), (222, 222, 210), int(3 / gsd_m))
     return road, lanes & ~cross
 
 
@@ -160,7 +160,7 @@ def build_mosaic(seed: int = 7, size_px: int = 4096, cell_px: int = 512, gsd_m: 
     h_lanes = Zone(lanes & (np.abs(np.arange(size_px)[:, None] % cell_px - cell_px / 2) > cell_px / 2 - road_px),
                    keep_out=~road, angle=0.0, turns=(0.0, 180.0), jitter_deg=1.0)
     v_lanes = Zone(lanes & ~h_lanes.centres, keep_out=~road, angle=90.0, turns=(0.0, 180.0), jitter_deg=1.0)
-    placer = _Placer(rng, Layout(ground, {"horizontal": h_lanes, "vertical": v_lanes}), size_px, size_px, gsd_m, difficulty)
+    placer = Placer(rng, size_px, size_px, gsd_m, difficulty)
     placer.place("car", [h_lanes, v_lanes], int(n * n * 3))
     objects += placer.objects
     scenes += ["road"] * len(placer.objects)
@@ -171,7 +171,7 @@ def build_mosaic(seed: int = 7, size_px: int = 4096, cell_px: int = 512, gsd_m: 
                        render_seed=int(rng.integers(2**31)), difficulty=difficulty, seed=seed)
     image = render_scene(graph)
     image[~valid] = 0
-    ann = AnnotatedImage("", size_px, size_px, [_annotation(o, graph) for o in graph.objects], None,
+    ann = AnnotatedImage("", size_px, size_px, [object_annotation(o, graph) for o in graph.objects], None,
                          source=f"synthetic-mosaic:seed={seed}:gsd={gsd_m}")
     transform = from_origin(origin_crs[0], origin_crs[1], gsd_m, gsd_m)
     return Mosaic(image, valid, transform, crs_obj, gsd_m, ann, [scenes[i] for i in keep], cell_scenes)

@@ -23,10 +23,10 @@ from train.synthetic.classes import SCENE_CLASSES, SIZE_WORDS, ObjectClass, coun
 from train.synthetic.geometry import box_iou
 from train.synthetic.graph import PlacedObject, SceneGraph
 from train.synthetic.language import describe_scene
-from train.synthetic.layout import Layout, Zone, build_layout
+from train.synthetic.layout import Zone, build_layout
 from train.synthetic.render import render_scene
 
-__all__ = ["build_scene", "generate_scene", "annotate", "MAX_SAME_CLASS_IOU"]
+__all__ = ["build_scene", "generate_scene", "annotate", "object_annotation", "Placer", "MAX_SAME_CLASS_IOU"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +43,12 @@ def _size_weights(difficulty: float) -> np.ndarray:
     return easy + (hard - easy) * difficulty
 
 
-class _Placer:
+class Placer:
     """Occupancy and per-class boxes of the objects placed so far in one scene."""
 
-    def __init__(self, rng: np.random.Generator, layout: Layout, height_px: int, width_px: int,
-                 gsd_m: float, difficulty: float) -> None:
-        self.rng, self.layout, self.h, self.w = rng, layout, height_px, width_px
+    def __init__(self, rng: np.random.Generator, height_px: int, width_px: int, gsd_m: float,
+                 difficulty: float) -> None:
+        self.rng, self.h, self.w = rng, height_px, width_px
         self.gsd_m, self.difficulty = gsd_m, difficulty
         self.occupancy = np.zeros((height_px, width_px), np.uint8)
         self.objects: list[PlacedObject] = []
@@ -171,7 +171,7 @@ def build_scene(seed: int, scene_class_name: str | None = None, size_px: int = 5
     name = scene_class_name if scene_class_name is not None else names[int(rng.integers(len(names)))]
     spec = scene_class(name)
     layout = build_layout(rng, name, size_px, size_px, gsd_m, difficulty)
-    placer = _Placer(rng, layout, size_px, size_px, gsd_m, difficulty)
+    placer = Placer(rng, size_px, size_px, gsd_m, difficulty)
     for label in _PLACE_ORDER:
         if label in spec.counts:
             lo, hi = count_range(*spec.counts[label], difficulty)
@@ -181,7 +181,8 @@ def build_scene(seed: int, scene_class_name: str | None = None, size_px: int = 5
                       render_seed=int(rng.integers(2**31)), difficulty=difficulty, seed=seed)
 
 
-def _annotation(o: PlacedObject, graph: SceneGraph) -> ObjectAnnotation:
+def object_annotation(o: PlacedObject, graph: SceneGraph) -> ObjectAnnotation:
+    """The :class:`ObjectAnnotation` of a placed object (box clipped to the image, oriented corners, attributes)."""
     x1, y1, x2, y2 = o.box_px
     box = (round(max(0.0, x1), 2), round(max(0.0, y1), 2),
            round(min(float(graph.width_px), x2), 2), round(min(float(graph.height_px), y2), 2))
@@ -199,7 +200,7 @@ def annotate(graph: SceneGraph, image_path: str = "") -> AnnotatedImage:
     captions, questions, referring = describe_scene(graph)
     return AnnotatedImage(
         image_path=image_path, width=graph.width_px, height=graph.height_px,
-        objects=[_annotation(o, graph) for o in graph.objects], scene_class=graph.scene_class,
+        objects=[object_annotation(o, graph) for o in graph.objects], scene_class=graph.scene_class,
         captions=captions, referring=referring, questions=questions,
         source=f"synthetic:seed={graph.seed}:gsd={graph.gsd_m}:difficulty={graph.difficulty:.3f}")
 
