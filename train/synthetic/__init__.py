@@ -1,7 +1,8 @@
 """Procedural synthetic aerial scenes with ground truth for all five SkyMoE tasks, and GeoTIFF mosaics.
 
 Public entry points: :func:`generate_scene`, :func:`generate_dataset`, :func:`build_scene`,
-:func:`render_scene`, :func:`write_mosaic` (``python -m train.synthetic.mosaic``).
+:func:`render_scene`; mosaics in :mod:`train.synthetic.mosaic` (``python -m train.synthetic.mosaic``),
+contact sheets in :mod:`train.synthetic.sheet`.
 """
 
 from train.synthetic.classes import OBJECT_CLASSES, SCENE_CLASSES

@@ -22,7 +22,7 @@ __all__ = [
     "SIZE_WORDS",
     "count_range",
     "object_class",
-    "scene_class",
+    "scene_spec",
 ]
 
 logger = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def object_class(name: str) -> ObjectClass:
         raise ValueError(f"unknown object class {name!r}; known: {sorted(OBJECT_CLASSES)}") from None
 
 
-def scene_class(name: str) -> SceneClass:
+def scene_spec(name: str) -> SceneClass:
     """The :class:`SceneClass` called ``name``; ValueError lists the known names."""
     try:
         return SCENE_CLASSES[name]

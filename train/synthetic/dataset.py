@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from train.annotations import AnnotatedImage
-from train.synthetic.classes import SCENE_CLASSES, scene_class
+from train.synthetic.classes import SCENE_CLASSES, scene_spec
 from train.synthetic.scene import generate_scene
 
 __all__ = ["SampleSpec", "sample_specs", "sample_seed", "generate_dataset", "write_image", "IMAGE_FORMATS"]
@@ -60,7 +60,7 @@ def sample_specs(out_dir: str | Path, n: int, seed: int, size_px: int = 504, gsd
     for d in (lo, hi):
         if not 0.0 <= d <= 1.0:
             raise ValueError(f"difficulty must be in [0, 1], got {difficulty!r}")
-    names = sorted(SCENE_CLASSES) if scene_classes is None else [scene_class(s).name for s in scene_classes]
+    names = sorted(SCENE_CLASSES) if scene_classes is None else [scene_spec(s).name for s in scene_classes]
     order = np.random.default_rng(seed).permutation(n) % len(names)
     images = Path(out_dir) / "images"
     return [SampleSpec(i, sample_seed(seed, i), names[order[i]], size_px, gsd_m,

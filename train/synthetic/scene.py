@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from train.annotations import AnnotatedImage, ObjectAnnotation
-from train.synthetic.classes import SCENE_CLASSES, SIZE_WORDS, ObjectClass, count_range, object_class, scene_class
+from train.synthetic.classes import SCENE_CLASSES, SIZE_WORDS, ObjectClass, count_range, object_class, scene_spec
 from train.synthetic.geometry import box_iou
 from train.synthetic.graph import PlacedObject, SceneGraph
 from train.synthetic.language import describe_scene
@@ -146,20 +146,22 @@ class Placer:
         return words[int(self.rng.choice(len(words), p=p / p.sum()))]
 
 
-def build_scene(seed: int, scene_class_name: str | None = None, size_px: int = 504, gsd_m: float = 0.3,
+def build_scene(seed: int, scene_class: str | None = None, size_px: int = 504, gsd_m: float = 0.3,
                 difficulty: float = 1.0) -> SceneGraph:
     """Compose a scene graph (background + placed objects) without rendering it.
 
     Args:
         seed: scene seed; everything is a function of it and the other arguments.
-        scene_class_name: one of ``SCENE_CLASSES`` or None to draw one uniformly.
+        scene_class: one of ``SCENE_CLASSES`` or None to draw one uniformly.
         size_px: image width and height in pixels (>= 128).
         gsd_m: ground sample distance in metres per pixel, in [0.1, 1.0].
         difficulty: 0 (few, mostly large objects, little clutter) to 1 (dense scenes).
 
     Raises:
-        ValueError: unknown scene class or an out-of-range size, GSD or difficulty.
+        ValueError: unknown scene class, a negative seed, or an out-of-range size, GSD or difficulty.
     """
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not 128 <= size_px <= 8192:
         raise ValueError(f"size_px must be in [128, 8192], got {size_px!r}")
     if not 0.1 <= gsd_m <= 1.0:
@@ -168,8 +170,8 @@ def build_scene(seed: int, scene_class_name: str | None = None, size_px: int = 5
         raise ValueError(f"difficulty must be in [0, 1], got {difficulty!r}")
     rng = np.random.default_rng(seed)
     names = sorted(SCENE_CLASSES)
-    name = scene_class_name if scene_class_name is not None else names[int(rng.integers(len(names)))]
-    spec = scene_class(name)
+    name = scene_class if scene_class is not None else names[int(rng.integers(len(names)))]
+    spec = scene_spec(name)
     layout = build_layout(rng, name, size_px, size_px, gsd_m, difficulty)
     placer = Placer(rng, size_px, size_px, gsd_m, difficulty)
     for label in _PLACE_ORDER:
@@ -205,7 +207,7 @@ def annotate(graph: SceneGraph, image_path: str = "") -> AnnotatedImage:
         source=f"synthetic:seed={graph.seed}:gsd={graph.gsd_m}:difficulty={graph.difficulty:.3f}")
 
 
-def generate_scene(seed: int, scene_class_name: str | None = None, size_px: int = 504, gsd_m: float = 0.3,
+def generate_scene(seed: int, scene_class: str | None = None, size_px: int = 504, gsd_m: float = 0.3,
                    difficulty: float = 1.0) -> tuple[np.ndarray, AnnotatedImage]:
     """Generate one synthetic aerial scene.
 
@@ -215,5 +217,5 @@ def generate_scene(seed: int, scene_class_name: str | None = None, size_px: int 
         ``(image, annotation)``: ``(size_px, size_px, 3)`` uint8 RGB and its :class:`AnnotatedImage`
         (``image_path`` empty: the caller writes the image, see ``generate_dataset``).
     """
-    graph = build_scene(seed, scene_class_name, size_px, gsd_m, difficulty)
+    graph = build_scene(seed, scene_class, size_px, gsd_m, difficulty)
     return render_scene(graph), annotate(graph)
