@@ -17,7 +17,7 @@ import tiling
 from tiling.errors import AOIError
 
 from app.errors import user_facing
-from app.handlers import counts_table, detections_table, grid_layer, parse_aoi
+from app.handlers import counts_table, detections_table, grid_layer, parse_aoi, selected_text
 from app.map_component import map_value
 from app.session import Session
 from app.state import ModelHolder
@@ -35,7 +35,7 @@ QUERY_NEEDS = {
 SCOPES = ["Whole scene", "Area of interest"]
 ANSWER_COLUMNS = ["tile_id", "answer", "confidence"]
 
-Outputs = tuple[Session, str, pd.DataFrame, pd.DataFrame, pd.DataFrame, str]
+Outputs = tuple[Session, str, pd.DataFrame, pd.DataFrame, pd.DataFrame, str, str]
 
 
 def answers_table(result: Any) -> pd.DataFrame:
@@ -92,7 +92,7 @@ def _summary(result: Any, done: int, total: int, finished: bool) -> str:
 def _outputs(session: Session, status: str) -> Outputs:
     result = session.result
     return (session, map_value(session.map), detections_table(result), counts_table(result),
-            answers_table(result), status)
+            answers_table(result), status, selected_text(session))
 
 
 @user_facing("running the analysis")
@@ -102,7 +102,8 @@ def run_analysis(session: Session, task: str, query: str, tile: int, overlap: in
     """Run ``task`` over the scene or the AOI, yielding partial results after each batch.
 
     Yields:
-        (session, map value, detections table, counts table, tile answers table, status markdown).
+        (session, map value, detections table, counts table, tile answers table, status markdown,
+        selected tile text).
     """
     query = (query or "").strip() or None
     aoi = _check_request(session, task, query, scope, aoi_text)

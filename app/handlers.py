@@ -28,7 +28,7 @@ from app.state import ModelHolder
 
 __all__ = [
     "BAND_CHOICES", "EXPORT_FORMATS", "load_raster", "open_default_raster", "on_aoi", "on_tile_select",
-    "parse_aoi", "select_result_row", "export_result", "load_model", "model_report",
+    "parse_aoi", "selected_text", "grid_layer", "select_result_row", "export_result", "load_model", "model_report",
     "detections_table", "counts_table",
 ]
 
@@ -95,10 +95,21 @@ def _aoi_bounds(aoi: AOI | None) -> list[float] | None:
 
 
 def grid_layer(session: Session, tile: int, overlap: int, aoi: AOI | None) -> Session:
-    """``session`` with the tile grid (for ``tile``/``overlap``/``aoi``) computed and on the map."""
+    """``session`` with the tile grid (for ``tile``/``overlap``/``aoi``) computed and on the map.
+
+    The tile selection survives only when the grid's tiles are unchanged (tile ids stay valid).
+    """
     grid = tiling.make_grid(session.raster, tile=tile, overlap=overlap, aoi=aoi)
+    if session.grid is not None and session.grid.tiles == grid.tiles:
+        return session.replace(grid=grid, map=session.map.replace(aoi=_aoi_bounds(aoi)))
     outlines = None if session.raster.pixel_mode else tiling.grid_geojson(session.raster, grid)
-    return session.replace(grid=grid, map=session.map.replace(grid=outlines, aoi=_aoi_bounds(aoi)))
+    shown = session.map.replace(grid=outlines, aoi=_aoi_bounds(aoi), selected=None)
+    return session.replace(grid=grid, map=shown)
+
+
+def selected_text(session: Session) -> str:
+    """The "Selected tile" box's text for ``session`` ("" when none is selected)."""
+    return "" if session.map.selected is None else str(session.map.selected)
 
 
 def _raster_info(raster: Any, name: str, grid: Any) -> str:
@@ -141,14 +152,14 @@ def open_session(path: Path, name: str, bands: Any, stretch: tuple[float, float]
 @user_facing("loading the raster")
 def load_raster(upload: str | None, server_path: str, band_choice: str, custom_bands: str,
                 stretch_low: float, stretch_high: float, pixel_mode: bool, tile: int, overlap: int,
-                *, settings: AppSettings, previews: PreviewStore) -> tuple[Session, str, str]:
-    """Open the uploaded (or server-side) raster: returns (session, map value, info markdown)."""
+                *, settings: AppSettings, previews: PreviewStore) -> tuple[Session, str, str, str]:
+    """Open the uploaded (or server-side) raster: returns (session, map value, info, selected tile)."""
     path = _resolve_source(upload, server_path, settings)
     name = path.name
     session, info = open_session(path, name, _bands_arg(band_choice, custom_bands),
                                  (stretch_low, stretch_high), bool(pixel_mode), (int(tile), int(overlap)), previews)
     logger.info("opened %s", path)
-    return session, map_value(session.map), info
+    return session, map_value(session.map), info, selected_text(session)
 
 
 def open_default_raster(settings: AppSettings, previews: PreviewStore) -> tuple[Session, str]:
@@ -177,9 +188,10 @@ def on_aoi(session: Session, evt: gr.EventData) -> tuple[Session, str, str]:
     return session.replace(map=session.map.replace(aoi=bounds)), text, "Area of interest"
 
 
-def on_tile_select(evt: gr.EventData) -> str:
-    """A grid tile was clicked: its id, which Chat and Routing use."""
-    return str(int((evt._data or {})["tile_id"]))
+def on_tile_select(session: Session, evt: gr.EventData) -> tuple[Session, str]:
+    """A grid tile was clicked: remember it for Chat and Routing; returns (session, its id)."""
+    session = session.replace(map=session.map.replace(selected=int((evt._data or {})["tile_id"])))
+    return session, selected_text(session)
 
 
 def detections_table(result: Any) -> pd.DataFrame:

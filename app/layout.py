@@ -87,16 +87,18 @@ def _analyse_tab() -> _AnalyseTab:
     task = gr.Dropdown(analysis.TASK_CHOICES, value="count", label="Task")
     query = gr.Textbox(label="Query: class to count, expression to find, or question",
                        placeholder="small vehicle")
-    with gr.Row():
-        tile = gr.Number(504, label="Tile (px)", precision=0, minimum=64, maximum=4096)
-        overlap = gr.Number(64, label="Overlap (px)", precision=0, minimum=0, maximum=2048)
-        batch = gr.Number(8, label="Batch size", precision=0, minimum=1, maximum=64)
     scope = gr.Radio(analysis.SCOPES, value="Whole scene", label="Run over")
     aoi = gr.Textbox(label="Area of interest: west,south,east,north (degrees; draw it with ▭ on the map)")
     with gr.Row():
         run = gr.Button("Run", variant="primary")
         stop = gr.Button("Stop", variant="stop")
-    return _AnalyseTab(task, query, tile, overlap, batch, scope, aoi, run, stop, gr.Markdown())
+    status = gr.Markdown()
+    with gr.Accordion("Tiles and batches", open=False):
+        with gr.Row():
+            tile = gr.Number(504, label="Tile (px)", precision=0, minimum=64, maximum=4096)
+            overlap = gr.Number(64, label="Overlap (px)", precision=0, minimum=0, maximum=2048)
+            batch = gr.Number(8, label="Batch size", precision=0, minimum=1, maximum=64)
+    return _AnalyseTab(task, query, tile, overlap, batch, scope, aoi, run, stop, status)
 
 
 def _results_tab() -> _ResultsTab:
@@ -157,15 +159,15 @@ def build_demo(settings: AppSettings, holder: ModelHolder, previews: PreviewStor
         rt.load.click(functools.partial(handlers.load_raster, settings=settings, previews=previews),
                       [rt.upload, rt.server_path, rt.bands, rt.custom_bands, rt.stretch_low, rt.stretch_high,
                        rt.pixel_mode, at.tile, at.overlap],
-                      [session, the_map, rt.info], api_name="load_raster", show_progress_on=[rt.info])
+                      [session, the_map, rt.info, selected], api_name="load_raster", show_progress_on=[rt.info])
         the_map.aoi(handlers.on_aoi, [session], [session, at.aoi, at.scope], api_visibility="private",
                     show_progress="hidden")
-        the_map.tile_select(handlers.on_tile_select, None, [selected], api_visibility="private",
+        the_map.tile_select(handlers.on_tile_select, [session], [session, selected], api_visibility="private",
                             show_progress="hidden")
         run_event = at.run.click(
             functools.partial(analysis.run_analysis, holder=holder),
             [session, at.task, at.query, at.tile, at.overlap, at.batch, at.scope, at.aoi],
-            [session, the_map, res.detections, res.counts, res.answers, at.status],
+            [session, the_map, res.detections, res.counts, res.answers, at.status, selected],
             api_name="analyze", show_progress_on=[at.status], **MODEL_QUEUE)
         at.stop.click(None, None, None, cancels=[run_event], api_name="stop")
         res.detections.select(handlers.select_result_row, [session], [session, the_map], api_visibility="private",
@@ -178,7 +180,8 @@ def build_demo(settings: AppSettings, holder: ModelHolder, previews: PreviewStor
         question.submit(chat_fn, chat_inputs, chat_outputs, api_visibility="private", show_progress_on=[chatbot],
                         **MODEL_QUEUE)
         show_routing.click(functools.partial(tile_handlers.routing, holder=holder), [session, selected, rtask],
-                           [heatmaps, loads, routing_note], api_name="routing", **MODEL_QUEUE)
+                           [heatmaps, loads, routing_note, session, the_map], api_name="routing",
+                           show_progress_on=[routing_note], **MODEL_QUEUE)
         load_model.click(functools.partial(handlers.load_model, holder=holder), [model_dir, quant, device],
                          [model_info], api_name="load_model", **MODEL_QUEUE).then(
             functools.partial(_notice, holder), None, [notice], api_visibility="private")

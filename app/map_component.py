@@ -42,6 +42,7 @@ class MapState:
         counts: detections per label, for the legend.
         answers: per-tile text answers ``{tile_id: {"text", "confidence"}}`` shown on grid tiles.
         aoi: area of interest ``[w, s, e, n]`` lon/lat, or None.
+        selected: ``tile_id`` of the tile Chat / Routing last worked on (outlined), or None.
         focus: ``{"row": int, "nonce": int}``: zoom to the result feature of that table row.
         message: one line shown under the map.
     """
@@ -54,6 +55,7 @@ class MapState:
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     answers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     aoi: list[float] | None = None
+    selected: int | None = None
     focus: dict[str, int] | None = None
     message: str = ""
 

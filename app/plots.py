@@ -22,14 +22,13 @@ def _to_image(fig: Figure) -> Image.Image:
     return Image.open(buffer).convert("RGB")
 
 
-def expert_heatmap_figure(tile_rgb: np.ndarray, heatmaps: np.ndarray, layer_ids: list[int], title: str) -> Image.Image:
+def expert_heatmap_figure(tile_rgb: np.ndarray, heatmaps: np.ndarray, layer_ids: list[int]) -> Image.Image:
     """The tile and, per MoE layer (rows) and expert (columns), the share of patches routed there.
 
     Args:
         tile_rgb: ``(height_px, width_px, 3)`` uint8 tile.
         heatmaps: ``(num_moe_layers, num_experts, grid_h, grid_w)`` shares in 0..1.
         layer_ids: decoder-layer index of each row of ``heatmaps``.
-        title: figure title.
     """
     layers = heatmaps[:MAX_LAYER_ROWS]
     n_layers, n_experts = layers.shape[:2]
@@ -45,8 +44,8 @@ def expert_heatmap_figure(tile_rgb: np.ndarray, heatmaps: np.ndarray, layer_ids:
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    shown = f" (first {MAX_LAYER_ROWS} of {len(heatmaps)} MoE layers)" if len(heatmaps) > MAX_LAYER_ROWS else ""
-    fig.suptitle(title + shown, fontsize=10)
+    if len(heatmaps) > MAX_LAYER_ROWS:
+        fig.text(0.5, 0.0, f"first {MAX_LAYER_ROWS} of {len(heatmaps)} MoE layers", ha="center", fontsize=8)
     return _to_image(fig)
 
 
@@ -65,6 +64,5 @@ def expert_load_figure(loads: dict[str, np.ndarray]) -> Image.Image:
         ax.bar(np.arange(n_experts) + i * width, loads[task].mean(axis=0), width, label=task)
     ax.set_xticks(np.arange(n_experts) + width * (len(tasks) - 1) / 2, [f"E{e}" for e in range(n_experts)])
     ax.set_ylabel("share of tokens (top-k)")
-    ax.set_title("Expert load per task on this tile")
     ax.legend(fontsize=8, ncols=min(len(tasks), 5))
     return _to_image(fig)

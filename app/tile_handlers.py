@@ -76,7 +76,7 @@ def chat(session: Session, message: str, history: list[dict[str, str]], tile_tex
     ]
     answers = dict(session.map.answers)
     answers[str(tile.tile_id)] = {"text": f"Q: {question} A: {answer}", "confidence": float(generation.confidence)}
-    session = session.replace(map=session.map.replace(answers=answers))
+    session = session.replace(map=session.map.replace(answers=answers, selected=tile.tile_id))
     return history, "", session, map_value(session.map)
 
 
@@ -90,11 +90,11 @@ def _trace_task(loaded: Any, image: np.ndarray, task: str) -> Any:
 
 @user_facing("inspecting the routing")
 def routing(session: Session, tile_text: str, heatmap_task: str,
-            *, holder: ModelHolder) -> tuple[Image.Image, Image.Image, str]:
+            *, holder: ModelHolder) -> tuple[Image.Image, Image.Image, str, Session, str]:
     """Per-expert heatmaps of ``heatmap_task`` and expert load per task on the selected tile.
 
     Returns:
-        (heatmap figure, load figure, markdown note).
+        (heatmap figure, load figure, markdown note, session, map value with the tile outlined).
     """
     if heatmap_task not in ROUTING_QUERIES:
         raise ValueError(f"Unknown task {heatmap_task!r}; choose one of {list(ROUTING_QUERIES)}.")
@@ -108,8 +108,10 @@ def routing(session: Session, tile_text: str, heatmap_task: str,
         loads[task] = trace.expert_load()
         if task == heatmap_task:
             heatmaps, layer_ids = trace.expert_heatmaps(sample=0), sorted(trace.layers)
-    title = f"Tile {tile.tile_id}: {heatmap_task}, share of image patches per expert"
-    note = (f"Tile {tile.tile_id} (cols {tile.col_off_px}.., rows {tile.row_off_px}..); "
-            f"{len(layer_ids)} MoE layers, {heatmaps.shape[1]} experts. Brighter = more of that region's "
-            "patches were sent to the expert (top-k).")
-    return expert_heatmap_figure(image, heatmaps, layer_ids, title), expert_load_figure(loads), note
+    note = (f"Tile {tile.tile_id} (cols {tile.col_off_px}.., rows {tile.row_off_px}.., outlined white on the map), "
+            f"task **{heatmap_task}**: {len(layer_ids)} MoE layers (rows) x {heatmaps.shape[1]} experts (columns). "
+            "Brighter = more of that region's image patches went to the expert (top-k). Below: expert load "
+            "per task on this tile.")
+    session = session.replace(map=session.map.replace(selected=tile.tile_id))
+    return (expert_heatmap_figure(image, heatmaps, layer_ids), expert_load_figure(loads), note,
+            session, map_value(session.map))

@@ -34,12 +34,13 @@ def _client(app) -> Client:
 
 def _load(client: Client, path: Path | None = None, server_path: str = "") -> tuple[dict, str]:
     upload = handle_file(str(path)) if path is not None else None
-    map_json, info = client.predict(upload, server_path, "auto", "", 2, 98, False, 504, 64, api_name="/load_raster")
+    map_json, info, _selected = client.predict(upload, server_path, "auto", "", 2, 98, False, 504, 64,
+                                               api_name="/load_raster")
     return json.loads(map_json), info
 
 
 def _analyze(client: Client, task: str, query: str, scope: str = "Whole scene", aoi: str = ""):
-    map_json, detections, counts, answers, status = client.predict(
+    map_json, detections, counts, answers, status, _selected = client.predict(
         task, query, 504, 64, 8, scope, aoi, api_name="/analyze")
     return json.loads(map_json), detections, counts, status
 

@@ -63,7 +63,7 @@ def test_map_offline_overlay_aoi_and_results():
 
         _click_text(driver, "button", "Analyse")
         _draw_rectangle(driver)
-        aoi = wait_for(lambda: _textbox(driver, "Area of interest").get_attribute("value"), 30,
+        aoi = wait_for(lambda: _textbox(driver, "Area of interest:").get_attribute("value"), 30,
                        what="drawn AOI back in Python")
         west, south, east, north = (float(v) for v in aoi.split(","))
         assert west < east and south < north

@@ -45,6 +45,7 @@ L.control.scale({imperial: false}).addTo(map);
 
 const colors = {};
 let answers = {};
+let selectedTile = null;
 const seen = {overlay: null, grid: null, results: null, focus: null, aoi: null};
 
 function colorOf(label) {
@@ -57,7 +58,11 @@ function esc(text) {
   return span.innerHTML;
 }
 function gridStyle(feature) {
-  const answered = feature && answers[feature.properties.tile_id] !== undefined;
+  const id = feature ? feature.properties.tile_id : null;
+  if (id !== null && id === selectedTile) {
+    return {color: "#ffffff", weight: 4, fillOpacity: 0.05, dashArray: null};
+  }
+  const answered = id !== null && answers[id] !== undefined;
   return {color: answered ? "#ffcc00" : "#00e5ff", weight: answered ? 2 : 1,
           fillOpacity: answered ? 0.08 : 0, dashArray: answered ? null : "4 4"};
 }
@@ -81,7 +86,11 @@ function bindGridTile(feature, layer) {
   if (answer) { html += `<br>${esc(answer.text)}<br><i>confidence ${Number(answer.confidence).toFixed(2)}</i>`; }
   html += "<br><small>selected for Chat and Routing</small>";
   layer.bindPopup(html);
-  layer.on("click", () => trigger("tile_select", Object.assign({tile_id: id}, tileBounds(layer))));
+  layer.on("click", () => {
+    selectedTile = id;
+    layers.grid.setStyle(gridStyle);
+    trigger("tile_select", Object.assign({tile_id: id}, tileBounds(layer)));
+  });
 }
 
 function showOverlay(overlay) {
@@ -102,7 +111,8 @@ function showAOI(aoi) {
   layers.aoi.clearLayers();
   if (aoi) {
     const [w, s, e, n] = aoi;
-    L.rectangle([[s, w], [n, e]], {color: "#ff7800", weight: 2, fill: false, dashArray: "6 3"}).addTo(layers.aoi);
+    L.rectangle([[s, w], [n, e]], {color: "#ff7800", weight: 3, fill: false, dashArray: "8 4", interactive: false})
+      .addTo(layers.aoi).bringToFront();
   }
 }
 function focusOn(index) {
@@ -129,6 +139,7 @@ function render() {
   let state;
   try { state = JSON.parse(props.value || "{}"); } catch (err) { setStatus("Bad map state: " + err); return; }
   answers = state.answers || {};
+  selectedTile = state.selected === undefined ? null : state.selected;
   const overlayKey = state.overlay ? state.overlay.url : null;
   if (overlayKey !== seen.overlay) { showOverlay(state.overlay); seen.overlay = overlayKey; }
   if (state.grid_key !== seen.grid) { showGeoJSON(layers.grid, state.grid); seen.grid = state.grid_key; }
