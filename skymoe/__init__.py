@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 
 from .configuration import SkyMoEConfig
 from .errors import CheckpointError, SkyMoEConfigError, SkyMoEError, SkyMoELoadWarning
+from .loading import LoadedModel, load_model
 from .modeling import (
     SkyMoECausalLMOutputWithPast,
     SkyMoEForConditionalGeneration,
@@ -56,6 +57,8 @@ __all__ = [
     "SkyMoESparseBlock",
     "load_balancing_loss",
     "upcycle",
+    "load_model",
+    "LoadedModel",
     # processing
     "SkyMoEProcessor",
     "to_rgb_image",
