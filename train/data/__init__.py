@@ -291,7 +291,8 @@ def augment(data_file: Path, out_dir: Path, *, seed: int = 0, cda: CdaOptions = 
 
     Args:
         data_file: the dataset's ``data.jsonl`` (its ``annotations.jsonl`` is read).
-        out_dir: output folder for the variants (images + ``data.jsonl`` of augmented samples only).
+        out_dir: output folder for the variants (images + ``data.jsonl`` of augmented samples only);
+            images that are CDA variants themselves (from ``synth --cda``) are not augmented again.
         seed: random seed; the same seed gives the same variants.
         cda: how many variants.
         annotations_file: the annotations, if not next to ``data_file``.
