@@ -38,7 +38,7 @@ from tiling.georef import areas_m2, px_to_crs, tile_box_to_raster_px, tile_footp
 from tiling.merge import Detection, box_valid_share, nms, ownership_weighted_count
 from tiling.raster import Raster, open_raster
 from tiling.reading import TileBatch, iter_tile_batches
-from tiling.windows import Tile, TileGrid, make_grid
+from tiling.windows import Tile, TileGrid, Units, make_grid
 
 __all__ = [
     "DETECTION_COLUMNS",
@@ -149,6 +149,7 @@ class _Run:
     answers: list[TileAnswer] = field(default_factory=list)
     integer_counts: list[tuple[Tile, int]] = field(default_factory=list)
     skipped_empty: int = 0
+    started: float = 0.0
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("open", "grid", "read", "wait", "model", "merge", "total"), 0.0))
 
@@ -174,6 +175,7 @@ def iter_analyze(
     max_new_tokens: int = 64,
     max_nodata: float = 0.9,
     iou_threshold: float = 0.5,
+    units: Units | str = Units.PIXELS,
 ) -> Iterator[AnalysisUpdate]:
     """Run ``task`` over every tile, yielding the result so far after each batch.
 
@@ -196,6 +198,7 @@ def iter_analyze(
         max_new_tokens: Generation budget per tile.
         max_nodata: Skip tiles with a larger nodata share.
         iou_threshold: NMS IoU threshold.
+        units: Unit of ``tile`` and ``overlap`` (``"px"`` or ``"m"``).
 
     Yields:
         One :class:`AnalysisUpdate` per batch (none when no tile is left to run).
@@ -204,17 +207,62 @@ def iter_analyze(
         ParameterError: Unknown task, missing query or model, bad batch size.
         TilingError: Raster, AOI or grid errors (see :func:`open_raster`, :func:`make_grid`).
     """
+    run, prompt = _prepare(raster_or_path, task, query, model, aoi, tile, overlap, batch_size, bands, stretch,
+                           pixel_mode, max_nodata, units)
+    yield from _iterate(run, model, prompt, batch_size, max_new_tokens, iou_threshold, progress)
+
+
+def analyze(
+    raster_or_path: Raster | str | Path,
+    task: str,
+    query: str | None = None,
+    model: Any = None,
+    aoi: Any = None,
+    tile: int = 504,
+    overlap: int = 64,
+    batch_size: int = 8,
+    progress: ProgressFn | None = None,
+    bands: Any = None,
+    stretch: tuple[float, float] | None = (2, 98),
+    pixel_mode: bool = False,
+    max_new_tokens: int = 64,
+    max_nodata: float = 0.9,
+    iou_threshold: float = 0.5,
+    units: Units | str = Units.PIXELS,
+) -> SceneResult:
+    """Run ``task`` over the raster and return the final :class:`SceneResult`.
+
+    Arguments and errors as :func:`iter_analyze`; with no tile to run (all
+    nodata), the result is empty.
+    """
+    run, prompt = _prepare(raster_or_path, task, query, model, aoi, tile, overlap, batch_size, bands, stretch,
+                           pixel_mode, max_nodata, units)
+    last = None
+    for last in _iterate(run, model, prompt, batch_size, max_new_tokens, iou_threshold, progress):
+        pass
+    return last.result_so_far if last is not None else _result(run, 0, iou_threshold)[0]
+
+
+def _prepare(raster_or_path, task, query, model, aoi, tile, overlap, batch_size, bands, stretch, pixel_mode,
+             max_nodata, units) -> tuple[_Run, str]:
+    """Validate, open the raster and cut the grid; returns the run state and the prompt."""
     start = time.perf_counter()
     prompt = _check_request(task, query, model, batch_size)
     raster = raster_or_path if isinstance(raster_or_path, Raster) else open_raster(
         raster_or_path, bands=bands, stretch=stretch, pixel_mode=pixel_mode)
     opened = time.perf_counter()
-    grid = make_grid(raster, tile=tile, overlap=overlap, aoi=aoi, max_nodata=max_nodata)
-    run = _Run(raster, grid, task, query)
+    grid = make_grid(raster, tile=tile, overlap=overlap, aoi=aoi, max_nodata=max_nodata, units=units)
+    run = _Run(raster, grid, task, query, started=start)
     run.timings["open"] = opened - start
     run.timings["grid"] = time.perf_counter() - opened
-    done = 0
-    batches = iter_tile_batches(raster, grid.tiles, batch_size=batch_size)
+    return run, prompt
+
+
+def _iterate(run: _Run, model: Any, prompt: str, batch_size: int, max_new_tokens: int, iou_threshold: float,
+             progress: ProgressFn | None) -> Iterator[AnalysisUpdate]:
+    """The batch loop of :func:`iter_analyze` (stops the reader when closed)."""
+    done, total = 0, len(run.grid.tiles)
+    batches = iter_tile_batches(run.raster, run.grid.tiles, batch_size=batch_size)
     try:
         while True:
             waited = time.perf_counter()
@@ -226,33 +274,13 @@ def iter_analyze(
             before = len(run.detections)
             _run_batch(run, batch, model, prompt, max_new_tokens, batch_size)
             done += len(batch.tiles)
-            run.timings["total"] = time.perf_counter() - start
+            run.timings["total"] = time.perf_counter() - run.started
             result, kept = _result(run, done, iou_threshold)
-            new = kept[kept["_index"] >= before].drop(columns="_index")
             if progress is not None:
-                progress(done, len(grid.tiles))
-            yield AnalysisUpdate(done, len(grid.tiles), new, result)
+                progress(done, total)
+            yield AnalysisUpdate(done, total, kept[kept["_index"] >= before].drop(columns="_index"), result)
     finally:
         batches.close()
-
-
-def analyze(raster_or_path: Raster | str | Path, task: str, query: str | None = None, model: Any = None,
-            **kwargs: Any) -> SceneResult:
-    """Run ``task`` over the raster and return the final :class:`SceneResult`.
-
-    Takes the same arguments as :func:`iter_analyze`.
-    """
-    last = None
-    for last in iter_analyze(raster_or_path, task, query, model=model, **kwargs):
-        pass
-    if last is not None:
-        return last.result_so_far
-    raster = raster_or_path if isinstance(raster_or_path, Raster) else open_raster(
-        raster_or_path, bands=kwargs.get("bands"), stretch=kwargs.get("stretch", (2, 98)),
-        pixel_mode=kwargs.get("pixel_mode", False))
-    grid = make_grid(raster, tile=kwargs.get("tile", 504), overlap=kwargs.get("overlap", 64),
-                     aoi=kwargs.get("aoi"), max_nodata=kwargs.get("max_nodata", 0.9))
-    return _result(_Run(raster, grid, task, query), 0, kwargs.get("iou_threshold", 0.5))[0]
 
 
 def _check_request(task: str, query: str | None, model: Any, batch_size: int) -> str:

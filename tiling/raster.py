@@ -306,12 +306,24 @@ def stretch_to_uint8(data: np.ndarray, lows: Sequence[float], highs: Sequence[fl
     Returns:
         ``(rows, cols, 3)`` uint8 image (channels last, as the model takes it).
     """
-    lo = np.asarray(lows, dtype=np.float32)[:, None, None]
-    scale = 255.0 / (np.asarray(highs, dtype=np.float32)[:, None, None] - lo)
-    out = (data.astype(np.float32) - lo) * scale
+    if data.dtype in (np.uint8, np.uint16):  # lookup table: one gather per pixel instead of float maths
+        values = np.arange(np.iinfo(data.dtype).max + 1, dtype=np.float32)
+        out = np.empty(data.shape[1:] + (3,), np.uint8)  # (rows, cols, 3)
+        for band in range(3):
+            lut = _linear_to_uint8(values, lows[band], highs[band])
+            out[..., band] = lut[data[band]]
+        return out
+    out = _linear_to_uint8(data.astype(np.float32), np.asarray(lows, np.float32)[:, None, None],
+                           np.asarray(highs, np.float32)[:, None, None])
+    return np.ascontiguousarray(np.moveaxis(out, 0, -1))
+
+
+def _linear_to_uint8(values: np.ndarray, low, high) -> np.ndarray:
+    """``(values - low) * 255 / (high - low)`` clipped to 0..255 as uint8 (NaN -> 0)."""
+    out = (values - low) * (255.0 / (high - low))
     np.clip(out, 0.0, 255.0, out=out)
     np.nan_to_num(out, copy=False, nan=0.0)
-    return np.ascontiguousarray(np.moveaxis(out.astype(np.uint8), 0, -1))
+    return out.astype(np.uint8)
 
 
 def _check_stretch(stretch: tuple[float, float] | None) -> None:
