@@ -141,7 +141,7 @@ def _count_phrase(counts: Counter) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _captions(graph: SceneGraph, rng: np.random.Generator) -> list[str]:
+def _captions(graph: SceneGraph) -> list[str]:
     scene = SCENE_PHRASES[graph.scene_class]
     counts = Counter(o.label for o in graph.objects)
     if not counts:
@@ -213,7 +213,7 @@ def _object_questions(graph: SceneGraph, attrs: list[dict[str, str]],
 def describe_scene(graph: SceneGraph) -> tuple[list[str], list[QuestionAnswer], list[ReferringExpression]]:
     """Captions, VQA pairs and referring expressions of a scene graph (deterministic for its seed)."""
     rng = np.random.default_rng([graph.seed, 1])
-    captions = _captions(graph, rng)
+    captions = _captions(graph)
     attrs = object_attributes(graph)
     questions = _presence_count(graph, rng) + _object_questions(graph, attrs, rng)
     return captions, questions, _referring(graph, attrs)

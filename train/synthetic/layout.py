@@ -99,8 +99,8 @@ def _clutter(rng: np.random.Generator, ground: np.ndarray, gsd_m: float, n: int)
     h, w = ground.shape[:2]
     for _ in range(n):
         cx, cy = int(rng.integers(0, w)), int(rng.integers(0, h))
-        ax, ay = (rng.uniform(0.4, 1.4, 2) / gsd_m).astype(int) + 1
-        delta = rng.uniform(-28, 22)
+        ax, ay = (rng.uniform(0.3, 1.0, 2) / gsd_m).astype(int) + 1
+        delta = rng.uniform(-22, 12)
         col = tuple(float(c) for c in np.clip(ground[cy, cx] + delta, 0, 255))
         cv2.ellipse(ground, (cx, cy), (int(ax), int(ay)), float(rng.uniform(0, 180)), 0, 360, col, -1, cv2.LINE_AA)
 
@@ -283,7 +283,7 @@ def _farmland(rng, h, w, gsd_m, difficulty) -> Layout:
 
 def _forest(rng, h, w, gsd_m, difficulty) -> Layout:
     ground = texture(rng, h, w, GROUNDS["forest floor"], 16, ((6, 1.0), (24, 0.8), (80, 0.6)))
-    xs = np.linspace(0, w, 12)
+    xs = np.linspace(0, w, 48)
     ys = h * (0.5 + 0.25 * np.sin(xs / w * 2 * np.pi * rng.uniform(0.5, 1.2) + rng.uniform(0, 6)))
     pts = np.stack([xs, ys], axis=1)
     track = _line_mask(h, w, pts, _m(gsd_m, 5.0))

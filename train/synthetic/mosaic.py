@@ -104,6 +104,19 @@ def _road_grid(rng: np.random.Generator, ground: np.ndarray, cell_px: int, road_
     return road, lanes & ~cross
 
 
+def _road_cars(rng: np.random.Generator, ground: np.ndarray, cell_px: int, road_px: int, gsd_m: float,
+               difficulty: float) -> list[PlacedObject]:
+    """Paint the road grid and place about three cars per cell in its lanes (heading along the road)."""
+    size = ground.shape[0]
+    road, lanes = _road_grid(rng, ground, cell_px, road_px, gsd_m)
+    near_row = np.abs(np.arange(size)[:, None] % cell_px - cell_px / 2) > cell_px / 2 - road_px
+    h_lanes = Zone(lanes & near_row, keep_out=~road, angle=0.0, turns=(0.0, 180.0), jitter_deg=1.0)
+    v_lanes = Zone(lanes & ~h_lanes.centres, keep_out=~road, angle=90.0, turns=(0.0, 180.0), jitter_deg=1.0)
+    placer = Placer(rng, size, size, gsd_m, difficulty)
+    placer.place("car", [h_lanes, v_lanes], 3 * (size // cell_px) ** 2)
+    return placer.objects
+
+
 def _collar(size: int) -> np.ndarray:
     """Valid-data mask: a triangular nodata collar in the top-right and bottom-left corners."""
     rr, cc = np.mgrid[0:size, 0:size]
@@ -156,14 +169,9 @@ def build_mosaic(seed: int = 7, size_px: int = 4096, cell_px: int = 512, gsd_m: 
             ground[y0:y0 + block_px, x0:x0 + block_px] = block.ground
             objects += [replace(o, cx_px=o.cx_px + x0, cy_px=o.cy_px + y0) for o in block.objects]
             scenes += [block.scene_class] * len(block.objects)
-    road, lanes = _road_grid(rng, ground, cell_px, road_px, gsd_m)
-    h_lanes = Zone(lanes & (np.abs(np.arange(size_px)[:, None] % cell_px - cell_px / 2) > cell_px / 2 - road_px),
-                   keep_out=~road, angle=0.0, turns=(0.0, 180.0), jitter_deg=1.0)
-    v_lanes = Zone(lanes & ~h_lanes.centres, keep_out=~road, angle=90.0, turns=(0.0, 180.0), jitter_deg=1.0)
-    placer = Placer(rng, size_px, size_px, gsd_m, difficulty)
-    placer.place("car", [h_lanes, v_lanes], int(n * n * 3))
-    objects += placer.objects
-    scenes += ["road"] * len(placer.objects)
+    cars = _road_cars(rng, ground, cell_px, road_px, gsd_m, difficulty)
+    objects += cars
+    scenes += ["road"] * len(cars)
     valid = _collar(size_px)
     keep = [i for i, o in enumerate(objects) if not _touches_invalid(o, valid)]
     graph = SceneGraph("mosaic", size_px, size_px, gsd_m, ground, [objects[i] for i in keep],
