@@ -130,3 +130,13 @@ def test_band_index_out_of_range_names_the_index_and_count(tmp_path):
 def test_bad_stretch(tmp_path):
     with pytest.raises(ParameterError, match="0 <= low < high <= 100"):
         open_raster(mr.make_sized(tmp_path / "r.tif", 10, 10), stretch=(98, 2))
+
+
+@pytest.mark.parametrize("dtype,lo,hi", [("int16", -500, 1500), ("float64", -0.2, 0.8), ("uint32", 10, 90_000)])
+def test_other_data_types_stretch_to_8_bit(tmp_path, dtype, lo, hi):
+    ramp = np.linspace(lo, hi, 200)[None, None, :].repeat(50, axis=1).astype(dtype)  # (1, 50, 200)
+    raster = open_raster(mr.write_geotiff(tmp_path / f"{dtype}.tif", ramp))
+    image, valid = _one_tile(raster)
+    row = image[10, :200, 0].astype(int)
+    assert valid[:50, :200].all() and row[0] == 0 and row[-1] == 255
+    assert (np.diff(row) >= 0).all()  # monotone: a ramp stays a ramp

@@ -100,3 +100,18 @@ def test_aoi_outside_and_empty_raise(tmp_path):
         make_grid(raster, aoi=AOI(box(-10, 50, -9, 51), "EPSG:4326"))
     with pytest.raises(AOIError, match="empty"):
         make_grid(raster, aoi=AOI(box(0, 0, 0, 0), "pixel"))
+
+
+def test_aoi_as_geojson_lonlat(tmp_path):
+    from pyproj import Transformer
+
+    raster = open_raster(mr.make_sized(tmp_path / "r.tif", 2000, 1500))
+    to_lonlat = Transformer.from_crs(raster.crs, "EPSG:4326", always_xy=True)
+    (x0, y0), (x1, y1) = raster.transform @ (1010, 510), raster.transform @ (1090, 590)
+    (lon0, lat0), (lon1, lat1) = to_lonlat.transform(x0, y0), to_lonlat.transform(x1, y1)
+    feature = {"type": "Feature", "properties": {},
+               "geometry": box(min(lon0, lon1), min(lat0, lat1), max(lon0, lon1), max(lat0, lat1)).__geo_interface__}
+    grid = make_grid(raster, tile=504, overlap=0, aoi=feature)
+    assert len(grid.tiles) == 1
+    c0, r0, c1, r1 = grid.aoi_px.bounds
+    assert abs(c0 - 1010) < 1 and abs(r1 - 590) < 1
