@@ -22,7 +22,7 @@ from app.map_component import map_value
 from app.session import Session
 from app.state import ModelHolder
 
-__all__ = ["TASK_CHOICES", "QUERY_NEEDS", "SCOPES", "run_analysis", "answers_table"]
+__all__ = ["TASK_CHOICES", "QUERY_NEEDS", "SCOPES", "run_analysis", "stopped_status", "answers_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,9 @@ def run_analysis(session: Session, task: str, query: str, tile: int, overlap: in
     loaded = holder.get()
     total = len(session.grid.tiles)
     progress((0, total), desc="tiles", unit="tiles")
+    session = session.replace(result=None, map=session.map.replace(results=None, counts={}, answers={},
+                                                                    message=f"{task}: 0/{total} tiles"))
+    yield _outputs(session, f"**Running**: 0/{total} tiles.")
     updates = tiling.iter_analyze(session.raster, task, query, model=loaded, aoi=aoi, tile=int(tile),
                                   overlap=int(overlap), batch_size=int(batch_size))
     try:
@@ -128,3 +131,13 @@ def run_analysis(session: Session, task: str, query: str, tile: int, overlap: in
         yield _outputs(session, _summary(result, update.tiles_done, update.tiles_total, True))
     finally:
         updates.close()
+
+
+def stopped_status(session: Session) -> str:
+    """Status after Stop: what the kept partial result covers."""
+    result = session.result
+    if result is None:
+        return "**Stopped** before any batch finished; nothing to keep."
+    counts = ", ".join(f"{k} **{v}**" for k, v in result.counts.items()) or "no detections"
+    return (f"**Stopped**: the partial result is kept ({counts}; {len(result.tile_answers)} tiles answered). "
+            "It can be exported in the Results tab.")

@@ -169,7 +169,7 @@ def build_demo(settings: AppSettings, holder: ModelHolder, previews: PreviewStor
             [session, at.task, at.query, at.tile, at.overlap, at.batch, at.scope, at.aoi],
             [session, the_map, res.detections, res.counts, res.answers, at.status, selected],
             api_name="analyze", show_progress_on=[at.status], **MODEL_QUEUE)
-        at.stop.click(None, None, None, cancels=[run_event], api_name="stop")
+        at.stop.click(analysis.stopped_status, [session], [at.status], cancels=[run_event], api_name="stop")
         res.detections.select(handlers.select_result_row, [session], [session, the_map], api_visibility="private",
                               show_progress="hidden")
         res.export.click(handlers.export_result, [session, res.fmt], [res.file], api_name="export")

@@ -1,9 +1,9 @@
 """Shared pieces of the app tests: a real tiny SkyMoE taught one answer, test rasters, one app process.
 
-``make_box_model`` builds skymoe's random tiny checkpoint and fine-tunes it for a few seconds
-(real forward/backward passes, AdamW) until greedy decoding answers every prompt with one
-fixed GeoChat box: a real model whose output is predictable enough to assert features on the
-map. ``shared_app`` starts ``python app.py`` once per pytest process for all app test modules.
+``make_box_model`` builds skymoe's random tiny checkpoint and sets a few weights by hand so
+that greedy decoding answers every prompt with one fixed GeoChat box: a real transformers model
+run through the real processor, generation, parsing and georeferencing, whose output is
+predictable enough to assert features on the map. ``shared_app`` starts ``python app.py`` once per pytest process for all app test modules.
 """
 
 from __future__ import annotations
@@ -22,46 +22,42 @@ from tests.fixtures.make_rasters import make_rgb
 
 __all__ = ["BOX_ANSWER", "make_box_model", "make_scene", "footprint_lonlat", "shared_app", "SharedApp"]
 
-#: The answer the test model learns: one box on the 0-100 grid of a tile.
-BOX_ANSWER = "{<20><20><60><50>|0}"
-_PROMPTS = [("count", "small vehicle"), ("ground", "the red car"), ("ground", "the large ship"),
-            ("count", "car")]
+#: The answer the test model gives to every prompt: one box on the 0-100 grid of a tile.
+BOX_ANSWER = "{<20><30><60><50>|0}"
 
 
-def _train_inputs(processor, image, prompt: str, answer: str):
+def make_box_model(out_dir: Path, answer: str = BOX_ANSWER) -> Path:
+    """Write a tiny SkyMoE checkpoint to ``out_dir`` whose greedy answer to any prompt is ``answer``.
+
+    Starts from skymoe's random tiny checkpoint and sets weights by hand (no training): every
+    attention ``o_proj`` and MLP/expert ``down_proj`` of the language model is zeroed, so the last
+    hidden state is the current token's embedding, and embedding / lm_head rows chain the end of
+    the generation prompt through the answer's tokens to ``</s>``. Routers, vision tower and
+    projector keep their random weights, so routing capture still sees real routing.
+    """
     import skymoe
     import torch
 
-    full = skymoe.render_conversation([(prompt, answer)], add_generation_prompt=False)
-    head = skymoe.render_conversation([(prompt, None)], add_generation_prompt=True)
-    batch = processor(images=[image], text=[full], return_tensors="pt")
-    prefix = processor(images=[image], text=[head], return_tensors="pt")["input_ids"].shape[1]
-    labels = batch["input_ids"].clone()
-    labels[:, :prefix] = -100  # learn the answer tokens only
-    batch["labels"] = labels
-    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-
-
-def make_box_model(out_dir: Path, answer: str = BOX_ANSWER, steps: int = 120, seed: int = 0) -> Path:
-    """Write a tiny SkyMoE checkpoint to ``out_dir`` that answers ``answer`` to the test prompts."""
-    import skymoe
-    import skymoe.presets
-    import torch
-
-    torch.manual_seed(seed)
-    skymoe.presets.make_tiny_checkpoint(out_dir)
+    skymoe.make_tiny_checkpoint(out_dir)
     model, processor = skymoe.load_model(out_dir, quant="none", device="cpu")
-    rng = np.random.default_rng(seed)
-    examples = [_train_inputs(processor, rng.integers(0, 255, (56, 56, 3), dtype=np.uint8),
-                              skymoe.build_prompt(task, query), answer) for task, query in _PROMPTS]
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(steps):
-        loss = model(**examples[step % len(examples)]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    tokenizer = processor.tokenizer
+    head = skymoe.render_conversation([(skymoe.build_prompt("count", "car"), None)], add_generation_prompt=True)
+    image = np.zeros((56, 56, 3), np.uint8)
+    last = int(processor(images=[image], text=[head], return_tensors="pt")["input_ids"][0, -1])
+    chain = [last, *tokenizer(answer, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    if len(set(chain[:-1])) != len(chain) - 1:
+        raise ValueError(f"answer {answer!r} repeats a token; a token-chain model needs distinct tokens")
+    embed, head_w = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if embed.data_ptr() == head_w.data_ptr():
+        raise ValueError("tied embeddings: the token chain needs a separate lm_head")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "vision" not in name and name.endswith(("o_proj.weight", "down_proj.weight")):
+                param.zero_()
+        for i, (src, dst) in enumerate(zip(chain[:-1], chain[1:])):
+            embed[src] = 0.0
+            embed[src, i] = 1.0
+            head_w[dst, i] = 10.0  # logit ~80 after RMSNorm for the next token of the chain
     model.save_pretrained(out_dir)
     return out_dir
 
