@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 
 from .configuration import SkyMoEConfig
 from .errors import CheckpointError, SkyMoEConfigError, SkyMoEError, SkyMoELoadWarning
+from .generation import Generation, generate
 from .loading import LoadedModel, load_model
 from .modeling import (
     SkyMoECausalLMOutputWithPast,
@@ -58,6 +59,8 @@ __all__ = [
     "load_balancing_loss",
     "upcycle",
     "load_model",
+    "generate",
+    "Generation",
     "LoadedModel",
     # processing
     "SkyMoEProcessor",

@@ -1,0 +1,130 @@
+"""Batched answer generation with a per-answer confidence.
+
+Prompts are rendered as Vicuna-v1 conversations, padded on the LEFT with an attention mask,
+and decoded greedily by default. Confidence is ``exp(mean log p)`` of the generated tokens
+under the model's raw (unprocessed) logits, up to and including the end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .modeling import SkyMoEForConditionalGeneration
+from .processing import SkyMoEProcessor
+from .prompts import TASK_IDS, render_conversation, task_of_prompt
+
+__all__ = ["Generation", "generate", "task_ids_for_prompts"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated answer.
+
+    Attributes:
+        text: The decoded answer, special tokens removed, stripped.
+        mean_logprob: Mean natural-log probability of the generated tokens (<= 0).
+        confidence: ``exp(mean_logprob)`` in ``(0, 1]``.
+    """
+
+    text: str
+    mean_logprob: float
+    confidence: float
+
+
+def task_ids_for_prompts(prompts: Sequence[str]) -> torch.Tensor:
+    """``(batch,)`` index of each prompt's task tag in ``TASK_IDS``; ``-1`` where no tag is found."""
+    tasks = [task_of_prompt(p) for p in prompts]
+    return torch.tensor([TASK_IDS.index(t) if t in TASK_IDS else -1 for t in tasks], dtype=torch.long)
+
+
+def generate(
+    model: SkyMoEForConditionalGeneration,
+    processor: SkyMoEProcessor,
+    images: Sequence[Image.Image | np.ndarray],
+    prompts: Sequence[str],
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    batch_size: int | None = None,
+) -> list[Generation]:
+    """Answer one prompt per image, in batches.
+
+    Args:
+        model: A SkyMoE (any quantization), ideally in eval mode.
+        processor: Its processor.
+        images: RGB PIL images or uint8 ``(H, W, 3)`` arrays (other modes are converted, see
+            :mod:`skymoe.processing`), one per prompt.
+        prompts: User messages as from :func:`skymoe.build_prompt` (without the ``<image>`` line).
+        max_new_tokens: Generation budget per answer (>= 1).
+        do_sample: Sample instead of greedy decoding.
+        batch_size: Prompts per forward batch; ``None`` = all at once.
+
+    Returns:
+        One :class:`Generation` per prompt, in order.
+
+    Raises:
+        ValueError: Mismatched ``images``/``prompts`` lengths or a non-positive size.
+    """
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images for {len(prompts)} prompts: pass one image per prompt")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+    step = batch_size or max(len(prompts), 1)
+    results: list[Generation] = []
+    for start in range(0, len(prompts), step):
+        chunk = slice(start, start + step)
+        results.extend(_generate_batch(model, processor, list(images[chunk]), list(prompts[chunk]), max_new_tokens, do_sample))
+    return results
+
+
+@torch.inference_mode()
+def _generate_batch(
+    model: SkyMoEForConditionalGeneration,
+    processor: SkyMoEProcessor,
+    images: list,
+    prompts: list[str],
+    max_new_tokens: int,
+    do_sample: bool,
+) -> list[Generation]:
+    """One left-padded ``model.generate`` call and its per-row confidences."""
+    tokenizer = processor.tokenizer
+    texts = [render_conversation([(prompt, None)]) for prompt in prompts]
+    inputs = processor(images=images, text=texts, padding=True, padding_side="left", return_tensors="pt").to(model.device)
+    extra = {"task_ids": task_ids_for_prompts(prompts).to(model.device)} if model.config.router_mode == "task" else {}
+    out = model.generate(
+        **inputs,
+        **extra,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]  # (batch, steps)
+    logits = torch.stack(out.logits, dim=1).float()  # (batch, steps, vocab)
+    token_logprob = logits.log_softmax(-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)  # (batch, steps)
+    keep = _until_first_eos(new_tokens, tokenizer.eos_token_id)  # (batch, steps) bool
+    generations = []
+    for row in range(new_tokens.shape[0]):
+        mean_logprob = float(token_logprob[row][keep[row]].mean())
+        text = tokenizer.decode(new_tokens[row][keep[row]], skip_special_tokens=True).strip()
+        generations.append(Generation(text=text, mean_logprob=mean_logprob, confidence=math.exp(mean_logprob)))
+    return generations
+
+
+def _until_first_eos(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """``(batch, steps)`` mask of the tokens up to and including each row's first EOS."""
+    is_eos = tokens == eos_token_id
+    before_or_at = torch.cumsum(is_eos.long(), dim=1) - is_eos.long() == 0
+    return before_or_at
