@@ -157,16 +157,17 @@ def score_results(results: list[SampleResult], tile_sizes: dict[str, tuple[int, 
         tile_sizes: sample id -> ``(width_px, height_px)`` of its image (boxes are parsed to pixels).
     """
     report = EvalReport(samples=results)
-    groups: dict[tuple[str, str], list[SampleResult]] = defaultdict(list)
+    by_task: dict[str, list[SampleResult]] = defaultdict(list)
     for res in results:
-        groups[(res.task, "all")].append(res)
-        groups[(res.task, res.granularity)].append(res)
-    for (task, gran), members in sorted(groups.items()):
-        metrics = _task_metrics(task, members, tile_sizes)
-        if gran == "all":
-            report.per_task[task] = metrics
-        else:
-            report.per_task_granularity[f"{task}/{gran}"] = metrics
+        by_task[res.task].append(res)
+    for task, members in sorted(by_task.items()):
+        grans = sorted({m.granularity for m in members})
+        for gran in grans:
+            cell = [m for m in members if m.granularity == gran]
+            report.per_task_granularity[f"{task}/{gran}"] = _task_metrics(task, cell, tile_sizes)
+        # one granularity: the task's row is that cell (captions are not scored twice)
+        report.per_task[task] = (report.per_task_granularity[f"{task}/{grans[0]}"] if len(grans) == 1
+                                 else _task_metrics(task, members, tile_sizes))
     for gran in ("global", "local"):
         cells = {k: v for k, v in report.per_task_granularity.items() if k.endswith(f"/{gran}")}
         if cells:
