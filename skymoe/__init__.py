@@ -21,6 +21,7 @@ from .moe import RouterOutput, SkyMoERouter, SkyMoESparseBlock, load_balancing_l
 from .parsing import Box, ParsedAnswer, parse_answer
 from .presets import full_size_config, make_tiny_checkpoint, tiny_config
 from .processing import SkyMoEProcessor, to_rgb_image
+from .routing import LayerRouting, RoutingTrace, capture_routing
 from .prompts import (
     TASK_IDS,
     TASKS,
@@ -61,6 +62,9 @@ __all__ = [
     "load_model",
     "generate",
     "Generation",
+    "capture_routing",
+    "RoutingTrace",
+    "LayerRouting",
     "LoadedModel",
     # processing
     "SkyMoEProcessor",
