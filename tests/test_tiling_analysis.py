@@ -8,7 +8,6 @@ plumbing, not the answers).
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import rasterio
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import shapely
 import shapely.affinity
 import shapely.ops
+from pyproj import Transformer
 from rasterio.crs import CRS
 from shapely.geometry import box, shape
 from shapely.geometry.base import BaseGeometry
@@ -120,8 +122,6 @@ def _reproject(geom: BaseGeometry, src: CRS, dst: CRS) -> BaseGeometry:
     """Reproject a shapely geometry (densified first so curved edges stay curved)."""
     if src == dst:
         return geom
-    from pyproj import Transformer
-
     transformer = Transformer.from_crs(src, dst, always_xy=True)
     dense = shapely.segmentize(geom, max_segment_length=max(_extent(geom) / 32.0, 1e-9))
     return shapely.ops.transform(transformer.transform, dense)
@@ -142,8 +142,6 @@ def parse_aoi_text(text: str) -> AOI | str:
     Raises:
         AOIError: Neither four numbers nor an existing file.
     """
-    from pathlib import Path
-
     if Path(text).exists():
         return text
     coords, _, crs = text.partition("@")

@@ -21,9 +21,10 @@ from PIL import Image
 from rasterio.enums import Resampling
 from rasterio.transform import array_bounds
 from rasterio.warp import calculate_default_transform, reproject, transform_bounds
+from shapely.geometry import box
 
 from tiling.errors import MissingCRSError
-from tiling.georef import tile_footprint_crs, to_geojson_lonlat
+from tiling.georef import px_to_crs, tile_footprint_crs, to_geojson_lonlat
 from tiling.raster import Raster, decimated_shape, stretch_to_uint8
 from tiling.windows import TileGrid
 
@@ -53,10 +54,6 @@ class Preview:
 
 def footprint_crs(raster: Raster):
     """The raster's four outer pixel corners as a polygon in its CRS."""
-    from shapely.geometry import box
-
-    from tiling.georef import px_to_crs
-
     return px_to_crs(box(0, 0, raster.width, raster.height), raster.transform)
 
 

@@ -34,6 +34,7 @@ from pyproj import Geod
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
+from rasterio.warp import transform as warp_transform
 
 from tiling.errors import BandError, DataTypeError, MissingCRSError, ParameterError, RasterOpenError
 
@@ -196,8 +197,6 @@ def _georeferencing(ds, path: Path, pixel_mode: bool) -> tuple[CRS | None, Affin
 
 def _gsd_m(crs: CRS, transform: Affine, width: int, height: int) -> float:
     """Mean geodesic size (m) of one pixel's x and y sides at the raster centre."""
-    from rasterio.warp import transform as warp_transform
-
     col, row = width / 2.0, height / 2.0
     pts_crs = [transform @ (col, row), transform @ (col + 1, row), transform @ (col, row + 1)]
     lons, lats = warp_transform(crs, "EPSG:4326", [p[0] for p in pts_crs], [p[1] for p in pts_crs])
