@@ -161,7 +161,8 @@ def _routing_of(model, processor, record) -> tuple[np.ndarray, np.ndarray]:
     """Expert load ``(L, E)`` and heatmaps ``(L, E, gh, gw)`` of one forward over image + prompt."""
     import torch
 
-    from skymoe import TASK_IDS, capture_routing, render_conversation
+    from skymoe.prompts import TASK_IDS, render_conversation
+    from skymoe.routing import capture_routing
 
     with Image.open(record.image_path) as img:
         image = img.convert("RGB")
