@@ -174,3 +174,27 @@ def test_augment_real_dota_sample(real_data) -> None:
         else:
             assert v.record["old_colour_estimated"] and v.query.startswith(f"the {v.record['new_colour']} ")
     assert len(by_type["spatial"]) >= 1 and len(by_type["colour"]) >= 1
+
+
+def test_spatial_edit_keeps_objects_on_like_ground() -> None:
+    """Half the image is water: a car standing on the grey half is never moved onto it."""
+    rng = np.random.default_rng(0)
+    rgb = np.clip(rng.normal(110, 6, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+    rgb[:, : SIZE // 2] = (30, 60, 140)
+    rgb[150:160, 180:200] = (200, 30, 30)
+    car = ObjectAnnotation("car", (180.0, 150.0, 200.0, 160.0))
+    image = AnnotatedImage("w.png", SIZE, SIZE, [car])
+    moved_to = []
+    for seed in range(8):
+        edit = spatial_edit(image, rgb, ReferringExpression("the car", 0), np.random.default_rng(seed))
+        if edit is not None:
+            moved_to.append(edit.to_cell)
+            assert (edit.new_box_px[0] + edit.new_box_px[2]) / 2 > SIZE // 2  # on the grey half
+    assert moved_to  # there is grey ground in other cells, so some moves happen
+
+
+def test_colour_targets_follow_the_class() -> None:
+    from train.cda.colour import allowed_colours
+
+    assert "blue" not in allowed_colours("tree") and "green" in allowed_colours("tree")
+    assert allowed_colours("windmill") == ["red", "blue", "green", "yellow", "orange"]  # not a synthetic class

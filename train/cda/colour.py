@@ -25,7 +25,7 @@ import numpy as np
 
 from train.annotations import AnnotatedImage, ReferringExpression
 from train.cda.cutout import object_mask
-from train.synthetic.classes import COLOURS
+from train.synthetic.classes import COLOURS, OBJECT_CLASSES
 
 __all__ = [
     "ColourEdit",
@@ -36,6 +36,7 @@ __all__ = [
     "estimate_colour",
     "recolour",
     "find_colour_word",
+    "allowed_colours",
     "colour_edit",
 ]
 
@@ -159,6 +160,13 @@ def _colours(image: AnnotatedImage, rgb: np.ndarray) -> list[str]:
     return [o.colour or estimate_colour(rgb, object_mask(o, image.height, image.width)) for o in image.objects]
 
 
+def allowed_colours(label: str) -> list[str]:
+    """Target colours for an object of ``label``: the :data:`CHROMATIC` words the class is
+    painted in where it is a synthetic class (no blue trees), all of them otherwise."""
+    cls = OBJECT_CLASSES.get(label)
+    return [c for c in CHROMATIC if cls is None or c in cls.colours]
+
+
 def _new_text(text: str, label: str, colour: str) -> str | None:
     """``text`` with its colour word set to ``colour`` (inserted before ``label`` if it has none)."""
     found = find_colour_word(text)
@@ -172,7 +180,7 @@ def colour_edit(image: AnnotatedImage, rgb: np.ndarray, referring: ReferringExpr
                 rng: np.random.Generator) -> ColourEdit | None:
     """Recolour the object of ``referring`` to another colour and swap the colour word.
 
-    The new colour is one of :data:`CHROMATIC` that no other object of the same class
+    The new colour is one of :func:`allowed_colours` that no other object of the same class
     has (so the expression stays unique).
 
     Returns:
@@ -186,7 +194,7 @@ def colour_edit(image: AnnotatedImage, rgb: np.ndarray, referring: ReferringExpr
         return None
     colours = _colours(image, rgb)
     taken = {c for i, (o, c) in enumerate(zip(image.objects, colours)) if i != index and o.label == obj.label}
-    choices = [c for c in CHROMATIC if c != colours[index] and c not in taken]
+    choices = [c for c in allowed_colours(obj.label) if c != colours[index] and c not in taken]
     if not choices:
         return None
     target = str(rng.choice(choices))

@@ -5,7 +5,8 @@ grid (``"in the top left"`` -> ``"in the bottom right"``; an expression without 
 ``"in the <cell>"`` appended), and the object is moved there: its pixels are cut by its
 polygon (or box) together with a ring of its surroundings and pasted with Poisson
 blending (``cv2.seamlessClone``) at a spot whose box centre lies in the named cell and whose
-IoU with every other object is below 0.1. The object's own pixels are then put back
+IoU with every other object is below 0.1, on ground that looks like the ground it left
+(mean Lab of the ring within Delta-E 20). The object's own pixels are then put back
 unchanged: Poisson blending alone would tint the whole object by the difference between
 the old and the new background (a red car moved onto grass turns olive), which would
 falsify its colour word; the blended ring carries the transition.
@@ -24,6 +25,7 @@ import cv2
 import numpy as np
 
 from train.annotations import AnnotatedImage, BoxPx, ReferringExpression
+from train.cda.colour import rgb_to_lab
 from train.cda.cutout import object_mask
 from train.synthetic.geometry import GRID_CELLS, box_iou, cell_bounds, grid_cell
 
@@ -47,6 +49,7 @@ _RELATIONAL_RE = re.compile(r"\b(?:closest|nearest|next to|near|beside|between|a
 _FILL_MARGIN_PX = 3
 _RING_PX = 4
 _CLONE_ERODE_PX = 4  # cv2.seamlessClone erodes its mask by 3 px and keeps dst gradients there
+_MAX_GROUND_DELTA_E = 20.0
 
 
 @dataclass(frozen=True)
@@ -162,26 +165,58 @@ def _fill_vacated(rgb: np.ndarray, hole: np.ndarray, busy: np.ndarray, rng: np.r
     return np.ascontiguousarray(bgr[..., ::-1]), "inpaint"
 
 
-def _free_spot(image: AnnotatedImage, index: int, cell: str, size: tuple[int, int],
-               offset: tuple[float, float, float, float],
+@dataclass(frozen=True)
+class _Cut:
+    """The pixels carried by a move: the region (object + ring) of the source image.
+
+    ``x0, y0`` is the region's top-left in the source; ``mask``/``body`` are bool
+    ``(h, w)`` masks of the region and of the object itself; ``ring_lab`` the mean Lab of
+    the ring (region minus object), i.e. the background the object stood on.
+    """
+
+    x0: int
+    y0: int
+    mask: np.ndarray
+    body: np.ndarray
+    ring_lab: np.ndarray
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(w, h)`` of the region."""
+        return self.mask.shape[1], self.mask.shape[0]
+
+
+def _make_cut(obj_mask: np.ndarray, lab: np.ndarray) -> _Cut:
+    region = _dilate(obj_mask, _RING_PX + _CLONE_ERODE_PX)
+    x0, y0, x1, y1 = _region(region)
+    mask, body = region[y0:y1, x0:x1], obj_mask[y0:y1, x0:x1]
+    ring = mask & ~body
+    return _Cut(x0, y0, mask, body, lab[y0:y1, x0:x1][ring].mean(axis=0))
+
+
+def _free_spot(image: AnnotatedImage, index: int, cell: str, cut: _Cut, lab: np.ndarray,
                rng: np.random.Generator, tries: int = 150) -> tuple[int, int] | None:
-    """Top-left ``(x, y)`` of the pasted region: object box centre in ``cell``, box IoU < 0.1 with
-    every other object and the whole region (object and its blended ring) clear of them."""
-    w, h = size
-    ox, oy, bw, bh = offset  # object box offset inside the region, and its size
+    """Top-left ``(x, y)`` for the cut region such that the object box centre lies in ``cell``,
+    the box has IoU < 0.1 with every other object, the whole region (object and blended ring)
+    is clear of them, and the ground there looks like the ground it came from (mean Lab of
+    the ring within Delta-E 20: no cars on rivers)."""
+    w, h = cut.size
+    x1b, y1b, x2b, y2b = image.objects[index].box_px
+    ox, oy, bw, bh = x1b - cut.x0, y1b - cut.y0, x2b - x1b, y2b - y1b  # box inside the region, and its size
     others = np.array([o.box_px for i, o in enumerate(image.objects) if i != index], np.float64).reshape(-1, 4)
     cx1, cy1, cx2, cy2 = cell_bounds(cell, image.width, image.height)
+    ring = cut.mask & ~cut.body
     for _ in range(tries):
         cx, cy = rng.uniform(cx1, cx2), rng.uniform(cy1, cy2)
         x, y = int(round(cx - ox - bw / 2)), int(round(cy - oy - bh / 2))
         if x < 1 or y < 1 or x + w > image.width - 1 or y + h > image.height - 1:
             continue
         box = (x + ox, y + oy, x + ox + bw, y + oy + bh)
-        centre_cell = grid_cell((box[0] + box[2]) / 2, (box[1] + box[3]) / 2, image.width, image.height)
-        if centre_cell != cell:
+        if grid_cell((box[0] + box[2]) / 2, (box[1] + box[3]) / 2, image.width, image.height) != cell:
             continue
-        # the pasted region (object + blended ring) must not paint over another object either
-        if not len(others) or (box_iou(box, others).max() < MAX_IOU and box_iou((x, y, x + w, y + h), others).max() == 0):
+        if len(others) and (box_iou(box, others).max() >= MAX_IOU or box_iou((x, y, x + w, y + h), others).max() > 0):
+            continue
+        if np.linalg.norm(lab[y:y + h, x:x + w][ring].mean(axis=0) - cut.ring_lab) < _MAX_GROUND_DELTA_E:
             return x, y
     return None
 
@@ -214,15 +249,14 @@ def spatial_edit(image: AnnotatedImage, rgb: np.ndarray, referring: ReferringExp
     body = object_mask(obj, image.height, image.width)
     if not body.any():
         return None
-    region_mask = _dilate(body, _RING_PX + _CLONE_ERODE_PX)
-    x0, y0, x1, y1 = _region(region_mask)
+    lab = rgb_to_lab(rgb)
+    cut = _make_cut(body, lab)
     x1b, y1b, x2b, y2b = obj.box_px
-    offset = (x1b - x0, y1b - y0, x2b - x1b, y2b - y1b)
     from_cell = grid_cell((x1b + x2b) / 2, (y1b + y2b) / 2, image.width, image.height)
     phrase = find_position(referring.text)
     cells = _target_cells(image, index, {from_cell} | ({phrase[2]} if phrase else set()))
     for cell in rng.permutation(cells) if cells else []:
-        spot = _free_spot(image, index, str(cell), (x1 - x0, y1 - y0), offset, rng)
+        spot = _free_spot(image, index, str(cell), cut, lab, rng)
         if spot is not None:
             break
     else:
@@ -232,9 +266,10 @@ def spatial_edit(image: AnnotatedImage, rgb: np.ndarray, referring: ReferringExp
         busy |= _dilate(object_mask(o, image.height, image.width), _FILL_MARGIN_PX + _CLONE_ERODE_PX)
     filled, fill = _fill_vacated(rgb, _dilate(body, _FILL_MARGIN_PX + _CLONE_ERODE_PX), busy, rng)
     nx, ny = spot
-    moved = _clone(filled, rgb[y0:y1, x0:x1], region_mask[y0:y1, x0:x1], nx, ny)
-    inside = body[y0:y1, x0:x1]  # the object keeps its own pixels; the ring around it is blended
-    moved[ny:ny + y1 - y0, nx:nx + x1 - x0][inside] = rgb[y0:y1, x0:x1][inside]
+    (w, h), x0, y0 = cut.size, cut.x0, cut.y0
+    moved = _clone(filled, rgb[y0:y0 + h, x0:x0 + w], cut.mask, nx, ny)
+    # the object keeps its own pixels; the ring around it carries the blend
+    moved[ny:ny + h, nx:nx + w][cut.body] = rgb[y0:y0 + h, x0:x0 + w][cut.body]
     dx, dy = nx - x0, ny - y0
     new_box = (x1b + dx, y1b + dy, x2b + dx, y2b + dy)
     polygon = tuple((x + dx, y + dy) for x, y in obj.polygon_px) if obj.polygon_px else None
