@@ -63,9 +63,9 @@ def sample_specs(out_dir: str | Path, n: int, seed: int, size_px: int = 504, gsd
     names = sorted(SCENE_CLASSES) if scene_classes is None else [scene_spec(s).name for s in scene_classes]
     order = np.random.default_rng(seed).permutation(n) % len(names)
     images = Path(out_dir) / "images"
-    return [SampleSpec(i, sample_seed(seed, i), names[order[i]], size_px, gsd_m,
-                       lo + (hi - lo) * (i / (n - 1) if n > 1 else 0.0), str(images / f"synth_{seed}_{i:06d}.{image_format}"))
-            for i in range(n)]
+    ramp = np.linspace(lo, hi, n) if n > 1 else np.array([lo])
+    return [SampleSpec(i, sample_seed(seed, i), names[order[i]], size_px, gsd_m, float(ramp[i]),
+                       str(images / f"synth_{seed}_{i:06d}.{image_format}")) for i in range(n)]
 
 
 def write_image(path: str | Path, image: np.ndarray) -> None:

@@ -105,7 +105,7 @@ def _clutter(rng: np.random.Generator, ground: np.ndarray, gsd_m: float, n: int)
         cv2.ellipse(ground, (cx, cy), (int(ax), int(ay)), float(rng.uniform(0, 180)), 0, 360, col, -1, cv2.LINE_AA)
 
 
-def _road(rng, ground: np.ndarray, h: int, w: int, gsd_m: float, horizontal: bool, pos: float,
+def _road(rng: np.random.Generator, ground: np.ndarray, h: int, w: int, gsd_m: float, horizontal: bool, pos: float,
           width_m: float = 8.0, material: str = "asphalt", centre_line: bool = True) -> tuple[np.ndarray, Zone]:
     """Draw a straight road across the image; return its mask and a two-lane vehicle zone."""
     rw = _m(gsd_m, width_m)
@@ -157,7 +157,7 @@ def _band(h: int, w: int, horizontal: bool, a: int, b: int) -> np.ndarray:
     return m
 
 
-def _parking_lot(rng, h, w, gsd_m, difficulty) -> Layout:
+def _parking_lot(rng: np.random.Generator, h: int, w: int, gsd_m: float, difficulty: float) -> Layout:
     ground = texture(rng, h, w, GROUNDS["asphalt"], 7)
     verge = _m(gsd_m, rng.uniform(9, 14))
     grass = _band(h, w, True, 0, verge)
@@ -176,7 +176,7 @@ def _parking_lot(rng, h, w, gsd_m, difficulty) -> Layout:
     return Layout(ground, zones)
 
 
-def _residential(rng, h, w, gsd_m, difficulty) -> Layout:
+def _residential(rng: np.random.Generator, h: int, w: int, gsd_m: float, difficulty: float) -> Layout:
     ground = texture(rng, h, w, GROUNDS["grass"], 14)
     pos = rng.uniform(0.35, 0.65)
     road, road_zone = _road(rng, ground, h, w, gsd_m, True, pos)
@@ -192,7 +192,7 @@ def _residential(rng, h, w, gsd_m, difficulty) -> Layout:
     return Layout(ground, zones)
 
 
-def _industrial(rng, h, w, gsd_m, difficulty) -> Layout:
+def _industrial(rng: np.random.Generator, h: int, w: int, gsd_m: float, difficulty: float) -> Layout:
     ground = texture(rng, h, w, GROUNDS["concrete"], 9)
     pos = rng.uniform(0.4, 0.6)
     road, road_zone = _road(rng, ground, h, w, gsd_m, True, pos, width_m=10.0)
@@ -206,7 +206,7 @@ def _industrial(rng, h, w, gsd_m, difficulty) -> Layout:
     return Layout(ground, zones)
 
 
-def _airport(rng, h, w, gsd_m, difficulty) -> Layout:
+def _airport(rng: np.random.Generator, h: int, w: int, gsd_m: float, difficulty: float) -> Layout:
     ground = texture(rng, h, w, GROUNDS["grass"], 12)
     rw, tw = _m(gsd_m, 30.0), _m(gsd_m, 14.0)
     r0 = _m(gsd_m, 4.0)
@@ -225,7 +225,7 @@ def _airport(rng, h, w, gsd_m, difficulty) -> Layout:
     return Layout(ground, zones)
 
 
-def _harbour(rng, h, w, gsd_m, difficulty) -> Layout:
+def _harbour(rng: np.random.Generator, h: int, w: int, gsd_m: float, difficulty: float) -> Layout:
     ground = texture(rng, h, w, GROUNDS["concrete"], 9)
     edge = int(h * rng.uniform(0.45, 0.6))
     water = _band(h, w, True, 0, edge)
@@ -266,7 +266,7 @@ def _fields(rng, ground: np.ndarray, h: int, w: int, gsd_m: float) -> np.ndarray
     return boundary
 
 
-def _farmland(rng, h, w, gsd_m, difficulty) -> Layout:
+def _farmland(rng: np.random.Generator, h: int, w: int, gsd_m: float, difficulty: float) -> Layout:
     ground = np.zeros((h, w, 3), np.float32)
     boundary = _fields(rng, ground, h, w, gsd_m)
     road, road_zone = _road(rng, ground, h, w, gsd_m, False, rng.uniform(0.1, 0.9), 6.0, "dirt")
@@ -281,7 +281,7 @@ def _farmland(rng, h, w, gsd_m, difficulty) -> Layout:
     return Layout(ground, zones)
 
 
-def _forest(rng, h, w, gsd_m, difficulty) -> Layout:
+def _forest(rng: np.random.Generator, h: int, w: int, gsd_m: float, difficulty: float) -> Layout:
     ground = texture(rng, h, w, GROUNDS["forest floor"], 16, ((6, 1.0), (24, 0.8), (80, 0.6)))
     xs = np.linspace(0, w, 48)
     ys = h * (0.5 + 0.25 * np.sin(xs / w * 2 * np.pi * rng.uniform(0.5, 1.2) + rng.uniform(0, 6)))
@@ -308,7 +308,7 @@ def _polyline_angle(h: int, w: int, pts: np.ndarray) -> np.ndarray:
     return np.broadcast_to(per_col[None, :], (h, w)).astype(np.float32)
 
 
-def _river(rng, h, w, gsd_m, difficulty) -> Layout:
+def _river(rng: np.random.Generator, h: int, w: int, gsd_m: float, difficulty: float) -> Layout:
     ground = texture(rng, h, w, GROUNDS["grass"], 14)
     xs = np.linspace(0, w, 24)
     ys = h * (0.5 + 0.18 * np.sin(xs / w * 2 * np.pi * rng.uniform(0.4, 1.0) + rng.uniform(0, 6)))
@@ -329,7 +329,7 @@ def _river(rng, h, w, gsd_m, difficulty) -> Layout:
     return Layout(ground, zones)
 
 
-def _sports_ground(rng, h, w, gsd_m, difficulty) -> Layout:
+def _sports_ground(rng: np.random.Generator, h: int, w: int, gsd_m: float, difficulty: float) -> Layout:
     ground = texture(rng, h, w, GROUNDS["grass"], 10)
     cw, cl = 18.0 / gsd_m, 36.0 / gsd_m
     pad_h = int(cl + _m(gsd_m, 4.0))

@@ -21,7 +21,10 @@ __all__ = ["fractal_noise", "texture", "object_parts", "draw_objects", "render_s
 
 logger = logging.getLogger(__name__)
 
-Part = tuple[np.ndarray, tuple[float, float, float], bool]  # (points (n, 2) image px, rgb, casts shadow)
+RGBf = tuple[float, float, float]
+#: (points (n, 2) px, rgb, casts shadow): object frame inside the drawers, image frame after ``_parts``.
+Part = tuple[np.ndarray, RGBf, bool]
+
 
 _SHIFT = 3  # fillPoly fixed-point bits: 1/8 px precision
 _DARK_GLASS = (38.0, 44.0, 56.0)
@@ -88,7 +91,7 @@ def _chamfer_rect(hl: float, hw: float, c: float) -> np.ndarray:
                      [-hl + c, hw], [-hl, hw - c], [-hl, -hw + c], [-hl + c, -hw]], np.float64)
 
 
-def _car(o: PlacedObject, rgb, rng) -> list:
+def _car(o: PlacedObject, rgb: RGBf, rng: np.random.Generator) -> list[Part]:
     hl, hw = o.length_px / 2, o.width_px / 2
     return [(_chamfer_rect(hl, hw, 0.35 * hw), rgb, True),
             (_rect(0.12 * hl, -0.82 * hw, 0.52 * hl, 0.82 * hw), _DARK_GLASS, False),
@@ -96,7 +99,7 @@ def _car(o: PlacedObject, rgb, rng) -> list:
             (_rect(-0.58 * hl, -0.7 * hw, 0.12 * hl, 0.7 * hw), _shade(rgb, 0.92, 8), False)]
 
 
-def _truck(o: PlacedObject, rgb, rng) -> list:
+def _truck(o: PlacedObject, rgb: RGBf, rng: np.random.Generator) -> list[Part]:
     hl, hw = o.length_px / 2, o.width_px / 2
     cab = 0.62 * hl
     parts = [(_chamfer_rect(hl, hw * 0.92, 0.2 * hw) + (0, 0), _shade(rgb, 0.55), True),
@@ -108,7 +111,7 @@ def _truck(o: PlacedObject, rgb, rng) -> list:
     return parts
 
 
-def _bus(o: PlacedObject, rgb, rng) -> list:
+def _bus(o: PlacedObject, rgb: RGBf, rng: np.random.Generator) -> list[Part]:
     hl, hw = o.length_px / 2, o.width_px / 2
     parts = [(_chamfer_rect(hl, hw, 0.3 * hw), rgb, True),
              (_rect(-0.95 * hl, -hw, 0.95 * hl, -0.62 * hw), _DARK_GLASS, False),
@@ -119,7 +122,7 @@ def _bus(o: PlacedObject, rgb, rng) -> list:
     return parts
 
 
-def _airplane(o: PlacedObject, rgb, rng) -> list:
+def _airplane(o: PlacedObject, rgb: RGBf, rng: np.random.Generator) -> list[Part]:
     hl, span = o.length_px / 2, o.width_px / 2
     fw = 0.055 * o.length_px
     fuselage = np.array([[hl, 0], [0.86 * hl, -fw], [-0.8 * hl, -fw * 0.8], [-hl, -fw * 0.3],
@@ -139,7 +142,7 @@ def _airplane(o: PlacedObject, rgb, rng) -> list:
     return parts
 
 
-def _ship(o: PlacedObject, rgb, rng) -> list:
+def _ship(o: PlacedObject, rgb: RGBf, rng: np.random.Generator) -> list[Part]:
     hl, hw = o.length_px / 2, o.width_px / 2
     hull = np.array([[hl, 0], [0.55 * hl, -hw], [-hl, -hw * 0.9], [-hl, hw * 0.9], [0.55 * hl, hw]])
     parts = [(hull * 1.0, _shade(rgb, 0.5), True), (hull * (0.94, 0.82), rgb, False),
@@ -152,14 +155,14 @@ def _ship(o: PlacedObject, rgb, rng) -> list:
     return parts
 
 
-def _tank(o: PlacedObject, rgb, rng) -> list:
+def _tank(o: PlacedObject, rgb: RGBf, rng: np.random.Generator) -> list[Part]:
     r = o.length_px / 2
     return [(_ellipse(r, r, 28), _shade(rgb, 0.82), True), (_ellipse(0.88 * r, 0.88 * r, 28), rgb, False),
             (_ellipse(0.7 * r, 0.7 * r, 24, 0.06 * r, 0.06 * r), _shade(rgb, 0.9), False),
             (_ellipse(0.08 * r + 0.5, 0.08 * r + 0.5, 8), _shade(rgb, 0.6), False)]
 
 
-def _building(o: PlacedObject, rgb, rng) -> list:
+def _building(o: PlacedObject, rgb: RGBf, rng: np.random.Generator) -> list[Part]:
     hl, hw = o.length_px / 2, o.width_px / 2
     if o.length_px * o.width_px < 900 or rng.random() < 0.5:  # pitched roof, ridge along the long axis
         return [(_rect(-hl, -hw, hl, hw), _shade(rgb, 0.72), True),
@@ -173,7 +176,7 @@ def _building(o: PlacedObject, rgb, rng) -> list:
     return parts
 
 
-def _court(o: PlacedObject, rgb, rng) -> list:
+def _court(o: PlacedObject, rgb: RGBf, rng: np.random.Generator) -> list[Part]:
     hl, hw = o.length_px / 2, o.width_px / 2
     line = (240.0, 240.0, 240.0)
     lw = max(0.6, 0.1 * hw)
@@ -187,7 +190,7 @@ def _court(o: PlacedObject, rgb, rng) -> list:
     return parts
 
 
-def _pool(o: PlacedObject, rgb, rng) -> list:
+def _pool(o: PlacedObject, rgb: RGBf, rng: np.random.Generator) -> list[Part]:
     hl, hw = o.length_px / 2, o.width_px / 2
     rim = max(1.0, 0.14 * hw)
     parts = [(_chamfer_rect(hl, hw, 0.25 * hw), (222.0, 220.0, 212.0), False),
@@ -199,7 +202,7 @@ def _pool(o: PlacedObject, rgb, rng) -> list:
     return parts
 
 
-def _tree(o: PlacedObject, rgb, rng) -> list:
+def _tree(o: PlacedObject, rgb: RGBf, rng: np.random.Generator) -> list[Part]:
     r = o.length_px / 2
     t = np.linspace(0, 2 * np.pi, 18, endpoint=False)
     rad = r * (1 + 0.1 * rng.standard_normal(18)).clip(0.78, 1.15)
@@ -211,7 +214,7 @@ def _tree(o: PlacedObject, rgb, rng) -> list:
     return parts
 
 
-_DRAWERS: dict[str, Callable[[PlacedObject, tuple, np.random.Generator], list]] = {
+_DRAWERS: dict[str, Callable[[PlacedObject, RGBf, np.random.Generator], list[Part]]] = {
     "car": _car, "truck": _truck, "bus": _bus, "airplane": _airplane, "ship": _ship,
     "storage tank": _tank, "building": _building, "tennis court": _court, "swimming pool": _pool, "tree": _tree,
 }

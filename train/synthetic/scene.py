@@ -189,7 +189,8 @@ def object_annotation(o: PlacedObject, graph: SceneGraph) -> ObjectAnnotation:
     box = (round(max(0.0, x1), 2), round(max(0.0, y1), 2),
            round(min(float(graph.width_px), x2), 2), round(min(float(graph.height_px), y2), 2))
     poly = tuple((round(float(x), 2), round(float(y), 2)) for x, y in o.corners_px)
-    attrs = {"size": o.size, "orientation_deg": round(o.angle_deg, 1), "grid_cell": o.cell(graph.width_px, graph.height_px),
+    attrs = {"size": o.size, "orientation_deg": round(o.angle_deg, 1),
+             "grid_cell": o.cell(graph.width_px, graph.height_px),
              "length_m": round(o.length_px * graph.gsd_m, 2), "width_m": round(o.width_px * graph.gsd_m, 2)}
     return ObjectAnnotation(o.label, box, poly, o.colour, False, attrs)
 
