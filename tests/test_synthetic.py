@@ -11,7 +11,7 @@ import pytest
 
 from train.synthetic import GRID_CELLS, OBJECT_CLASSES, SCENE_CLASSES, build_scene, generate_scene, render_scene
 from train.synthetic.classes import COLOURS, count_range
-from train.synthetic.dataset import generate_dataset, sample_seed
+from train.synthetic.dataset import generate_dataset, sample_seed, sample_specs
 from train.synthetic.geometry import box_iou, cell_bounds, grid_cell
 from train.synthetic.language import matches, object_attributes, parse_reference
 from train.synthetic.scene import MAX_SAME_CLASS_IOU, annotate
@@ -228,3 +228,13 @@ def test_generate_dataset_writes_pngs_matching_scenes(tmp_path):
         img, again = generate_scene(sample_seed(5, i), ann.scene_class, 256, 0.3, i / 3)
         assert np.array_equal(png, img)
         assert again.objects == ann.objects and again.questions == ann.questions
+
+
+def test_dataset_specs_gsd_range_and_balance(tmp_path):
+    specs = sample_specs(tmp_path, 90, seed=2, gsd_m=(0.3, 0.5), difficulty=0.5)
+    assert Counter(s.scene_class for s in specs) == {name: 10 for name in SCENES}
+    gsds = [s.gsd_m for s in specs]
+    assert 0.3 <= min(gsds) < 0.35 and 0.45 < max(gsds) <= 0.5
+    assert specs == sample_specs(tmp_path, 90, seed=2, gsd_m=(0.3, 0.5), difficulty=0.5)
+    with pytest.raises(ValueError, match="image_format"):
+        sample_specs(tmp_path, 2, seed=2, image_format="gif")

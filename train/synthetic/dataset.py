@@ -48,7 +48,8 @@ def sample_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def sample_specs(out_dir: str | Path, n: int, seed: int, size_px: int = 504, gsd_m: float = 0.3,
+def sample_specs(out_dir: str | Path, n: int, seed: int, size_px: int = 504,
+                 gsd_m: float | tuple[float, float] = 0.3,
                  difficulty: float | tuple[float, float] = (0.0, 1.0),
                  scene_classes: Sequence[str] | None = None, image_format: str = "png") -> list[SampleSpec]:
     """The specs of a dataset, without generating anything (see :func:`generate_dataset`)."""
@@ -64,7 +65,9 @@ def sample_specs(out_dir: str | Path, n: int, seed: int, size_px: int = 504, gsd
     order = np.random.default_rng(seed).permutation(n) % len(names)
     images = Path(out_dir) / "images"
     ramp = np.linspace(lo, hi, n) if n > 1 else np.array([lo])
-    return [SampleSpec(i, sample_seed(seed, i), names[order[i]], size_px, gsd_m, float(ramp[i]),
+    gsd = (np.full(n, float(gsd_m)) if isinstance(gsd_m, (int, float))
+           else np.random.default_rng([seed, 2]).uniform(gsd_m[0], gsd_m[1], n).round(3))
+    return [SampleSpec(i, sample_seed(seed, i), names[order[i]], size_px, float(gsd[i]), float(ramp[i]),
                        str(images / f"synth_{seed}_{i:06d}.{image_format}")) for i in range(n)]
 
 
@@ -85,7 +88,8 @@ def _make(spec: SampleSpec) -> AnnotatedImage:
     return replace(ann, image_path=spec.image_path, source=f"{ann.source}:index={spec.index}")
 
 
-def generate_dataset(out_dir: str | Path, n: int, seed: int = 0, size_px: int = 504, gsd_m: float = 0.3,
+def generate_dataset(out_dir: str | Path, n: int, seed: int = 0, size_px: int = 504,
+                     gsd_m: float | tuple[float, float] = 0.3,
                      difficulty: float | tuple[float, float] = (0.0, 1.0),
                      scene_classes: Sequence[str] | None = None, workers: int = 1,
                      progress: Callable[[int, int], None] | None = None,
@@ -96,7 +100,9 @@ def generate_dataset(out_dir: str | Path, n: int, seed: int = 0, size_px: int = 
         out_dir: output folder (created).
         n: number of samples.
         seed: dataset seed; the same arguments give the same images and annotations.
-        size_px, gsd_m: image size and ground sample distance (metres per pixel).
+        size_px: image width and height in pixels.
+        gsd_m: ground sample distance in metres per pixel, or a ``(min, max)`` range drawn per sample
+            (e.g. ``(0.3, 0.5)`` to cover the 0.4 m sample mosaic); the value is in each ``source``.
         difficulty: a constant in [0, 1] or a ``(first, last)`` linear ramp (curriculum order).
         scene_classes: restrict to these scene classes (default: all, balanced).
         workers: processes; 1 generates in this process.
