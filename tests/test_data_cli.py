@@ -90,3 +90,9 @@ def test_module_entry_point_help() -> None:
     result = subprocess.run([sys.executable, "-m", "train.data", "convert", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "rsvqa" in result.stdout and "--overlap" in result.stdout
+
+
+def test_convert_cli_rejects_option_the_format_lacks(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = _dota_src(tmp_path / "src")
+    assert main(["-q", "convert", "dota", "--src", str(src), "--out", str(tmp_path / "o"), "--split", "train"]) == 2
+    assert "format dota does not take split" in capsys.readouterr().err

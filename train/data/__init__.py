@@ -9,6 +9,7 @@ says so), their samples and their annotations; :func:`convert` runs a converter 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import shutil
@@ -245,11 +246,15 @@ def convert(
 
     Raises:
         EmptyDatasetError: nothing usable in ``src``.
-        ValueError: unknown format.
+        ValueError: unknown format, or a reader option the format does not take.
     """
     from train.converters import get_format
 
     spec = get_format(fmt)
+    accepted = [n for n, p in inspect.signature(spec.reader).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(reader_args) - set(accepted))
+    if unknown:
+        raise ValueError(f"format {fmt} does not take {', '.join(unknown)}; it takes: {', '.join(accepted) or 'nothing'}")
     summary = RunSummary()
     options = options or spec.options
     with DatasetWriter(out_dir, options, crop, summary) as writer:
