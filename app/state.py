@@ -82,10 +82,16 @@ class ModelHolder:
             self._status = dataclasses.replace(self._status, loading=True)
             try:
                 model, status = self._load_locked(path, quant, device)
-            except ModelUnavailableError as err:
-                self._status = dataclasses.replace(self._status, loading=False, error=str(err),
+            except Exception as err:
+                known = isinstance(err, ModelUnavailableError)
+                message = str(err) if known else f"Loading {path} failed ({type(err).__name__}: {err})."
+                if not known:
+                    logger.exception("loading %s failed", path)
+                self._status = dataclasses.replace(self._status, loading=False, error=message,
                                                    path=self._status.path if self._model else path)
-                raise
+                if known:
+                    raise
+                raise ModelUnavailableError(message) from err
             self._model, self._status = model, status
             return status
 

@@ -87,7 +87,7 @@ class SharedApp:
         self._stack = contextlib.ExitStack()
         self.url = self._stack.enter_context(running_app(
             ["--model", str(self.model_dir), "--quant", "none", "--raster", str(self.scene),
-             "--max-upload-mb", "1", "--allow-dir", str(self.data_dir)],
+             "--max-upload-mb", "3", "--allow-dir", str(self.data_dir)],
             self.log, env={"TMPDIR": str(self.root / "tmp")}))
 
     def close(self) -> None:

@@ -81,3 +81,16 @@ def test_missing_demo_model_says_how_to_make_it():
     assert "train.demo" in holder.status.error
     with pytest.raises(ModelUnavailableError, match="No model is loaded"):
         holder.get()
+
+
+def test_no_raster_loaded_is_a_clear_error(tmp_path):
+    import gradio as gr
+
+    from app.analysis import run_analysis
+    from app.handlers import open_default_raster
+    from app.session import Session
+
+    session, note = open_default_raster(AppSettings(raster=tmp_path / "missing.tif"), PreviewStore())
+    assert session.raster is None and "missing.tif is missing: upload a GeoTIFF" in note
+    with pytest.raises(gr.Error, match="No raster loaded: upload a GeoTIFF"):
+        next(run_analysis(Session(), "count", "car", 504, 64, 8, "Whole scene", "", holder=ModelHolder()))
