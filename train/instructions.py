@@ -149,8 +149,8 @@ class SampleOptions:
 def box_norm100(box_px: BoxPx, width: int, height: int) -> tuple[float, float, float, float]:
     """``box_px`` on the 0-100 grid of a ``width`` x ``height`` image (clamped to it)."""
     x1, y1, x2, y2 = box_px
-    clamp = lambda v: min(max(v, 0.0), 100.0)  # noqa: E731
-    return (clamp(x1 / width * 100), clamp(y1 / height * 100), clamp(x2 / width * 100), clamp(y2 / height * 100))
+    scaled = (x1 / width, y1 / height, x2 / width, y2 / height)
+    return tuple(min(max(v * 100.0, 0.0), 100.0) for v in scaled)
 
 
 def make_sample(
@@ -199,8 +199,9 @@ def _object_samples(image: AnnotatedImage, ref: str, stem: str, options: SampleO
             samples.append(make_sample(f"{stem}_OC_{key}", ref, "count", format_count(len(objs)), label,
                                        vary_templates=vary))
         if "VG" in options.tasks and 0 < len(objs) <= options.max_ground_instances:
-            boxes = sorted(box_norm100(o.box_px, image.width, image.height) for o in objs)
-            boxes = sorted(boxes, key=lambda b: (round(b[1]), b[0]))
+            # reading order: top to bottom, then left to right
+            boxes = sorted((box_norm100(o.box_px, image.width, image.height) for o in objs),
+                           key=lambda b: (round(b[1]), b[0]))
             samples.append(make_sample(f"{stem}_VG_all_{key}", ref, "ground", format_boxes(boxes),
                                        f"every {label}", vary_templates=vary))
     return samples
