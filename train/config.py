@@ -136,7 +136,7 @@ class MoESettings:
     """Stage II upcycling and which parameters train.
 
     Attributes:
-        num_experts: experts per MoE layer (paper: 8).
+        num_experts: experts per MoE layer (paper: 8); 1 keeps the model dense (ablation baseline).
         top_k: experts per token (paper: 2).
         moe_layers: decoder layer indices to upcycle; None = every second layer
             (skymoe's default parity).

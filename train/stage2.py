@@ -4,6 +4,7 @@
 (dense) model, clones the FFN of every second decoder layer (or
 ``moe.moe_layers``) into ``moe.num_experts`` experts with top-``moe.top_k``
 routing (``skymoe.upcycle``), and trains with ``loss = LM + alpha * aux``.
+``moe.num_experts: 1`` skips upcycling (the dense baseline of the ablation).
 Which parameters train is ``moe.trainable`` (default ``"llm"``; the reason is in
 :class:`train.config.MoESettings`). The final model is written to
 ``output_dir/final``.
@@ -85,7 +86,12 @@ def build_stage2_model(cfg: Stage2Config):
     base_dtype = next(model.parameters()).dtype
     _configure_moe(model.config, cfg.moe)
     torch.manual_seed(cfg.loop.seed)  # router init
-    model = skymoe.upcycle(model.float(), cfg.moe.num_experts, cfg.moe.moe_layers, num_experts_per_tok=cfg.moe.top_k)
+    if cfg.moe.num_experts == 1:  # the E = 1 row of the ablation: keep training the dense model
+        logger.info("moe.num_experts=1: no upcycling, Stage II continues the dense model")
+        model = model.float()
+    else:
+        model = skymoe.upcycle(model.float(), cfg.moe.num_experts, cfg.moe.moe_layers,
+                               num_experts_per_tok=cfg.moe.top_k)
     count = set_trainable(model, cfg.moe.trainable)
     logger.info("Stage II: E=%d top-%d on layers %s, %s trainable (%d parameters)", cfg.moe.num_experts,
                 cfg.moe.top_k, model.config.moe_layers, cfg.moe.trainable, count)
