@@ -135,6 +135,8 @@ def build_demo(settings: AppSettings, holder: ModelHolder, previews: PreviewStor
                         res = _results_tab()
                     with gr.Tab("Chat"):
                         chatbot = gr.Chatbot(label="Questions about the selected tile", height=360)
+                        gr.Markdown("Each question is answered from the selected tile's pixels alone; "
+                                    "the model does not see earlier turns.")
                         question = gr.Textbox(label="Question", placeholder="Is there a runway?")
                         ask = gr.Button("Ask", variant="primary")
                     with gr.Tab("Routing"):
@@ -152,10 +154,13 @@ def build_demo(settings: AppSettings, holder: ModelHolder, previews: PreviewStor
                             device = gr.Radio(["auto", "cpu", "cuda"], value=settings.device, label="Device")
                         load_model = gr.Button("Load model", variant="primary")
 
+        model_timer = gr.Timer(1.5)
+
         # Wiring.
-        demo.load(functools.partial(handlers.model_report, holder), None, [model_info],
-                  api_visibility="private").then(
-            functools.partial(_notice, holder), None, [notice], api_visibility="private")
+        refresh = functools.partial(_refresh_model, holder, settings.model_dir is not None)
+        demo.load(refresh, None, [notice, model_info, model_timer], api_visibility="private")
+        model_timer.tick(refresh, None, [notice, model_info, model_timer], api_visibility="private",
+                         show_progress="hidden")
         rt.load.click(functools.partial(handlers.load_raster, settings=settings, previews=previews),
                       [rt.upload, rt.server_path, rt.bands, rt.custom_bands, rt.stretch_low, rt.stretch_high,
                        rt.pixel_mode, at.tile, at.overlap],
@@ -186,6 +191,13 @@ def build_demo(settings: AppSettings, holder: ModelHolder, previews: PreviewStor
                          [model_info], api_name="load_model", **MODEL_QUEUE).then(
             functools.partial(_notice, holder), None, [notice], api_visibility="private")
     return demo
+
+
+def _refresh_model(holder: ModelHolder, asked: bool) -> tuple[str, str, gr.Timer]:
+    """Notice line, Model tab report, and the polling timer (stopped once the start-up load settled)."""
+    status = holder.status
+    settled = not asked or status.loaded or bool(status.error)
+    return _notice(holder), handlers.model_report(holder), gr.Timer(active=not settled)
 
 
 def _notice(holder: ModelHolder) -> str:

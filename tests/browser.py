@@ -75,8 +75,8 @@ def chromium_paths() -> tuple[str, str] | None:
 
 @contextlib.contextmanager
 def offline_chromium(width: int = 1500, height: int = 1000) -> Iterator[object]:
-    """A headless Chromium (selenium) that can reach only 127.0.0.1: all other traffic goes
-    to a dead proxy, and CDP blocks the usual public domains as well."""
+    """A headless Chromium (selenium) that can reach only 127.0.0.1: every other request goes to a
+    dead proxy (127.0.0.1:9) and every other host name resolves to nothing."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -89,14 +89,12 @@ def offline_chromium(width: int = 1500, height: int = 1000) -> Iterator[object]:
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
                  f"--user-data-dir={profile}", f"--window-size={width},{height}",
-                 "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=127.0.0.1;localhost"):
+                 "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=127.0.0.1;localhost",
+                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(paths[1]), options=options)
     try:
-        driver.execute_cdp_cmd("Network.enable", {})
-        driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": [
-            "*://*.org/*", "*://*.com/*", "*://*.net/*", "*://*.io/*", "*://*.co/*", "*://*.app/*"]})
         yield driver
     finally:
         driver.quit()
