@@ -8,6 +8,7 @@ works on SkyMoE folders; this registration is the package's only import-time act
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration import SkyMoEConfig
+from .conversion import convert_llava
 from .errors import CheckpointError, SkyMoEConfigError, SkyMoEError, SkyMoELoadWarning
 from .generation import Generation, generate
 from .loading import LoadedModel, load_model
@@ -59,6 +60,7 @@ __all__ = [
     "SkyMoESparseBlock",
     "load_balancing_loss",
     "upcycle",
+    "convert_llava",
     "load_model",
     "generate",
     "Generation",

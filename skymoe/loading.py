@@ -24,7 +24,7 @@ from .errors import CheckpointError, SkyMoELoadWarning
 from .modeling import SkyMoEForConditionalGeneration
 from .processing import SkyMoEProcessor
 
-__all__ = ["LoadedModel", "load_model", "check_checkpoint", "QUANT_SKIP_MODULES"]
+__all__ = ["LoadedModel", "load_model", "check_checkpoint", "check_weight_files", "QUANT_SKIP_MODULES"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +110,16 @@ def check_checkpoint(folder: Path) -> SkyMoEConfig:
     if model_type != "skymoe":
         hint = " Convert it with skymoe.convert_llava(src_dir, out_dir)." if model_type == "llava" else ""
         raise CheckpointError(f"{config_file} has model_type={model_type!r}, expected 'skymoe'.{hint}")
-    _check_weight_files(folder)
+    check_weight_files(folder)
     return SkyMoEConfig.from_pretrained(folder)
 
 
-def _check_weight_files(folder: Path) -> None:
-    """Every safetensors shard present and complete; pickle-only folders refused."""
+def check_weight_files(folder: Path) -> None:
+    """Check that every safetensors shard is present and complete; refuse pickle-only folders.
+
+    Raises:
+        CheckpointError: Naming the missing, truncated or pickle file.
+    """
     index_file = folder / "model.safetensors.index.json"
     single = folder / "model.safetensors"
     if index_file.is_file():

@@ -17,7 +17,7 @@ from transformers import LlavaForConditionalGeneration
 from .configuration import SkyMoEConfig, default_moe_layers
 from .modeling import SkyMoEForConditionalGeneration
 
-__all__ = ["upcycle"]
+__all__ = ["upcycle", "model_from_state_dict"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,17 +58,55 @@ def upcycle(
     config = _moe_config(model.config, num_experts, moe_layers, num_experts_per_tok)
     std = config.text_config.initializer_range if router_init_std is None else router_init_std
     state = _expert_state_dict(model.state_dict(), config, std)
-    with torch.device("meta"):
-        moe_model = SkyMoEForConditionalGeneration(config)
-    moe_model.load_state_dict(state, strict=True, assign=True)
-    for name, buffer in model.named_buffers():  # non-persistent buffers (rotary, position ids) are not in the state dict
-        owner, _, leaf = name.rpartition(".")
-        moe_model.get_submodule(owner).register_buffer(leaf, buffer.clone(), persistent=False)
-    moe_model.tie_weights()
+    moe_model = model_from_state_dict(config, state, dict(model.named_buffers()))
     moe_model.generation_config = copy.deepcopy(model.generation_config)
     moe_model.train(model.training)
     logger.info("upcycled %d FFNs into %d experts each (k=%d)", len(config.moe_layers), num_experts, num_experts_per_tok)
     return moe_model
+
+
+def model_from_state_dict(
+    config: SkyMoEConfig,
+    state: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor] | None = None,
+) -> SkyMoEForConditionalGeneration:
+    """Build a SkyMoE around existing tensors (assigned, not copied; no random init).
+
+    The model is created on the ``meta`` device and the tensors are assigned, so peak memory
+    stays at one copy of the weights. Non-persistent buffers are not in state dicts: each is
+    taken from ``buffers`` when the shape matches, otherwise rebuilt (CLIP ``position_ids`` as
+    ``arange``; parameter-free modules such as rotary embeddings by constructing them again
+    from their config).
+
+    Args:
+        config: The new model's config.
+        state: Every persistent tensor of the new model, by state-dict key.
+        buffers: Buffers of a source model by name (e.g. ``dict(model.named_buffers())``), or ``None``.
+
+    Returns:
+        The assembled model (generation config left at its defaults).
+
+    Raises:
+        RuntimeError: From ``load_state_dict`` if keys are missing or unexpected.
+    """
+    with torch.device("meta"):
+        model = SkyMoEForConditionalGeneration(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    device = next(iter(state.values())).device
+    buffers = buffers or {}
+    for name, buffer in list(model.named_buffers()):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        old = buffers.get(name)
+        if old is not None and old.shape == buffer.shape:
+            new = old.clone()
+        elif leaf == "position_ids":
+            new = torch.arange(buffer.shape[-1], device=device).expand(buffer.shape)
+        else:  # parameter-free module (rotary embedding): rebuild from its config
+            new = getattr(type(owner)(owner.config), leaf).to(device)
+        owner.register_buffer(leaf, new, persistent=False)
+    model.tie_weights()
+    return model
 
 
 def _check_dense(model: object) -> None:
