@@ -94,3 +94,16 @@ def test_no_raster_loaded_is_a_clear_error(tmp_path):
     assert session.raster is None and "missing.tif is missing: upload a GeoTIFF" in note
     with pytest.raises(gr.Error, match="No raster loaded: upload a GeoTIFF"):
         next(run_analysis(Session(), "count", "car", 504, 64, 8, "Whole scene", "", holder=ModelHolder()))
+
+
+def test_raster_without_crs_points_to_pixel_mode(tmp_path):
+    from app.handlers import open_session
+    from tests.fixtures.make_rasters import make_no_crs
+    from tiling.errors import MissingCRSError
+
+    path = make_no_crs(tmp_path / "nocrs.tif")
+    with pytest.raises(MissingCRSError, match="Tick 'Pixel coordinates \\(no CRS\\)'"):
+        open_session(path, path.name, None, (2, 98), False, (504, 64), PreviewStore())
+    session, info = open_session(path, path.name, None, (2, 98), True, (504, 64), PreviewStore())
+    assert session.map.overlay is None and "pixel coordinates" in session.map.message
+    assert "CRS none (pixel mode)" in info and len(session.grid.tiles) == 1
