@@ -7,9 +7,9 @@ import logging
 
 import numpy as np
 import pytest
-import skymoe
 from PIL import Image
 
+import skymoe
 from train.dataset import (
     IGNORE_INDEX,
     DataError,

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-import skymoe
-from PIL import Image
+from train_samples import write_instruction_jsonl
 
+import skymoe
 from train import eval as ev
 from train.eval import SampleResult, _masking_summary, params_flops_report, score_results
 
@@ -86,16 +85,9 @@ def test_params_flops_report_counts_lora_and_stage2_choices(tiny_moe):
 
 def test_cli_runs_batched_inference_and_writes_metrics(tmp_path, tiny_moe, capsys):
     folder, _ = tiny_moe
-    (tmp_path / "img").mkdir()
-    lines = []
-    for i, (task, query, answer) in enumerate([("count", "ship", "3"), ("ground", "the red car", "{<1><2><30><40>|<0>}"),
-                                               ("classify", None, "harbor"), ("vqa", "Is there a ship?", "yes"),
-                                               ("count", "plane", "1")]):
-        Image.fromarray(np.full((64, 64, 3), 40 * i, np.uint8)).save(tmp_path / "img" / f"{i}.png")
-        lines.append(json.dumps({"id": f"s{i}", "image": f"img/{i}.png", "task": skymoe.TASKS[task].code,
-                                 "granularity": skymoe.TASKS[task].granularity,
-                                 "conversations": [{"from": "human", "value": "<image>\n" + skymoe.build_prompt(task, query)},
-                                                   {"from": "gpt", "value": answer}]}))
+    items = [("count", "ship", "3"), ("ground", "the red car", "{<1><2><30><40>|<0>}"),
+             ("classify", None, "harbor"), ("vqa", "Is there a ship?", "yes"), ("count", "plane", "1")]
+    lines = write_instruction_jsonl(tmp_path, items, size_px=64).read_text().splitlines()
     lines.insert(2, "{broken")
     (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "eval" / "metrics.json"

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-import skymoe
 import torch
-from PIL import Image
 from safetensors.torch import load_file
+from train_samples import write_instruction_jsonl
 
-from train.config import LoopConfig, LoraSettings, MoESettings, OptimConfig, Stage1Config, Stage2Config, DataConfig
-from train.stage1 import build_stage1_model, main as stage1_main, run_stage1
+import skymoe
+from train.config import DataConfig, LoopConfig, LoraSettings, MoESettings, OptimConfig, Stage1Config, Stage2Config
+from train.stage1 import build_stage1_model, run_stage1
+from train.stage1 import main as stage1_main
 from train.stage2 import run_stage2, trainable_mask
 
 
@@ -23,21 +23,9 @@ def dense_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_jsonl(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    (root / "img").mkdir()
-    rng = np.random.default_rng(0)
-    lines = []
-    answers = [("count", "small vehicle", "3"), ("ground", "the red car", "{<10><20><30><40>|<0>}"),
-               ("caption", None, "two ships in a harbour"), ("classify", None, "harbor")]
-    for i, (task, query, answer) in enumerate(answers):
-        Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(root / "img" / f"{i}.png")
-        lines.append(json.dumps({
-            "id": f"s{i}", "image": f"img/{i}.png", "task": skymoe.TASKS[task].code,
-            "granularity": skymoe.TASKS[task].granularity,
-            "conversations": [{"from": "human", "value": "<image>\n" + skymoe.build_prompt(task, query)},
-                              {"from": "gpt", "value": answer}]}))
-    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
-    return root / "train.jsonl"
+    items = [("count", "small vehicle", "3"), ("ground", "the red car", "{<10><20><30><40>|<0>}"),
+             ("caption", None, "two ships in a harbour"), ("classify", None, "harbor")]
+    return write_instruction_jsonl(tmp_path_factory.mktemp("data"), items)
 
 
 def _loop(out, **kw):

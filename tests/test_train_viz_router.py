@@ -7,9 +7,10 @@ import json
 
 import numpy as np
 import pytest
-import skymoe
 from PIL import Image
+from train_samples import write_instruction_jsonl
 
+import skymoe
 from train.viz_router import figure_png_bytes, main, plot_expert_heatmaps
 
 
@@ -30,18 +31,9 @@ def test_plot_expert_heatmaps_layout_and_png():
 
 
 def _write_data(root):
-    (root / "img").mkdir()
-    rng = np.random.default_rng(0)
-    lines = []
-    for i, (task, query) in enumerate([("count", "ship"), ("ground", "the red car"), ("caption", None),
-                                       ("classify", None), ("count", "plane")]):
-        Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(root / "img" / f"{i}.png")
-        lines.append(json.dumps({"id": f"s{i}", "image": f"img/{i}.png", "task": skymoe.TASKS[task].code,
-                                 "granularity": skymoe.TASKS[task].granularity,
-                                 "conversations": [{"from": "human", "value": "<image>\n" + skymoe.build_prompt(task, query)},
-                                                   {"from": "gpt", "value": "x"}]}))
-    (root / "d.jsonl").write_text("\n".join(lines) + "\n")
-    return root / "d.jsonl"
+    items = [("count", "ship", "x"), ("ground", "the red car", "x"), ("caption", None, "x"),
+             ("classify", None, "x"), ("count", "plane", "x")]
+    return write_instruction_jsonl(root, items)
 
 
 def test_viz_router_writes_pngs_and_summary(tmp_path):

@@ -87,7 +87,8 @@ class BadLine:
     reason: str
 
 
-def read_instruction_jsonl(path: str | Path, check_images: bool = True) -> tuple[list[InstructionRecord], list[BadLine]]:
+def read_instruction_jsonl(path: str | Path,
+                           check_images: bool = True) -> tuple[list[InstructionRecord], list[BadLine]]:
     """Read an instruction JSONL file, skipping (and logging) broken lines.
 
     Args:
