@@ -33,6 +33,7 @@ from .prompts import (
     render_conversation,
     task_of_prompt,
 )
+from .summary import ModelSummary, model_summary
 from .tokenization import build_tokenizer
 from .upcycling import upcycle
 
@@ -67,6 +68,8 @@ __all__ = [
     "capture_routing",
     "RoutingTrace",
     "LayerRouting",
+    "model_summary",
+    "ModelSummary",
     "LoadedModel",
     # processing
     "SkyMoEProcessor",
