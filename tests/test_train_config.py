@@ -71,3 +71,14 @@ def test_missing_file_and_bad_override(tmp_path):
         load_config(tmp_path / "nope.yaml", Stage1Config)
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config(_write(tmp_path, _MINIMAL), Stage1Config, ["loop.max_steps"])
+
+
+def test_stage_commands_report_config_errors(tmp_path, capsys):
+    from train.stage1 import main as stage1_main
+    from train.stage2 import main as stage2_main
+
+    path = _write(tmp_path, _MINIMAL.replace("out}", "out, per_device_batch_size: four}"))
+    assert stage1_main([str(path)]) == 2
+    assert stage2_main([str(path), "--set", "moe.top_k=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"error: {path}: loop.per_device_batch_size must be int, got str 'four'") == 2

@@ -112,6 +112,8 @@ def test_loss_has_aux_term_and_resume_matches_uninterrupted_run(tmp_path, data):
     got = [h.loss for h in resumed.history]
     want = [h.loss for h in full.history]
     assert got == pytest.approx(want, abs=1e-6, rel=0)
+    logged = [json.loads(line)["loss"] for line in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
+    assert logged == got  # step 3, run twice, is logged once
     assert not list((tmp_path / "part" / "checkpoints").glob(".tmp-*"))
 
 

@@ -490,6 +490,9 @@ def train(model: torch.nn.Module, dataset: Sequence, collate_fn: Callable, loop_
         state = _load_checkpoint(resume, accelerator, model, optimizer, geometry)
         result.history = [StepLog(**h) for h in state["history"]]
         result.last_step = state["step"]
+        if accelerator.is_main_process:  # drop log lines of steps after the checkpoint (they are redone)
+            (Path(loop_cfg.output_dir) / "log.jsonl").write_text("".join(json.dumps(asdict(h)) + "\n"
+                                                                        for h in result.history))
         logger.info("resumed from %s at step %d", resume, state["step"])
     else:
         _seed_everything(loop_cfg.seed)

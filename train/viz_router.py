@@ -169,8 +169,7 @@ def _routing_of(model, processor, record) -> tuple[np.ndarray, np.ndarray]:
     text = render_conversation([(record.prompt, None)])
     inputs = processor(images=image, text=text, return_tensors="pt")
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+    inputs = {k: v.to(device) for k, v in inputs.items()}  # CLIP casts pixel_values to its own dtype
     task_ids = torch.tensor([TASK_IDS.index(record.task)], device=device)
     with torch.no_grad(), capture_routing(model) as trace:
         model(**inputs, task_ids=task_ids)
