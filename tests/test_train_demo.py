@@ -1,0 +1,124 @@
+"""Smoke tests of the demo-checkpoint recipe (train/demo.py) at a minutes-tiny budget and size."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import skymoe
+from train.dataset import IGNORE_INDEX, InstructionRecord, encode_sample, read_instruction_jsonl
+from train.demo import DemoConfig, DemoData, DemoModel, DemoTraining, main, pack_conversation, run_demo
+from train.instructions import make_sample
+
+TINY_MODEL = DemoModel(image_size=56, patch_size=28, vision_hidden=64, vision_layers=1, vision_heads=2,
+                       text_hidden=64, text_intermediate=128, text_layers=2, text_heads=1, bpe_vocab=300,
+                       num_experts=4, top_k=2)
+
+
+def _samples():
+    return [
+        make_sample("a_SC", "img.png", "classify", "forest"),
+        make_sample("a_VQA_0", "img.png", "vqa", "yes", "Is there a tree in the image?"),
+        make_sample("a_VQA_1", "img.png", "vqa", "3", "How many trees are there?"),
+        make_sample("a_VQA_2", "img.png", "vqa", "no", "Is there a ship in the image?"),
+        make_sample("a_OC", "img.png", "count", "3", "tree"),
+    ]
+
+
+def test_pack_conversation_one_image_turn_quota_and_image_token_once():
+    record = pack_conversation(_samples(), {"SC": 1, "VQA": 2, "OC": 1, "VG": 2}, np.random.default_rng(0))
+    humans = [t["value"] for t in record["conversations"][::2]]
+    answers = [t["value"] for t in record["conversations"][1::2]]
+    assert len(humans) == len(answers) == 4  # SC 1 + VQA 2 (of 3) + OC 1; no VG sample exists
+    assert humans[0].startswith("<image>\n") and not any("<image>" in h for h in humans[1:])
+    assert sum(h.startswith("[vqa]") for h in humans) == 2
+    assert record["image"] == "img.png"
+    with pytest.raises(ValueError, match="one image"):
+        pack_conversation([*_samples(), make_sample("b_SC", "other.png", "classify", "river")], {"SC": 1},
+                          np.random.default_rng(0))
+
+
+def test_packed_conversation_puts_loss_on_every_answer(tmp_path):
+    """train.dataset handles the multi-turn records: each answer's tokens carry labels."""
+    record = pack_conversation(_samples(), {"SC": 1, "VQA": 3, "OC": 1}, np.random.default_rng(1))
+    turns = tuple((h["value"], g["value"]) for h, g in zip(record["conversations"][::2], record["conversations"][1::2]))
+    image_path = tmp_path / "img.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((56, 56, 3), np.uint8)).save(image_path)
+    texts = [skymoe.render_conversation(list(turns), add_generation_prompt=False)] * 4
+    tokenizer = skymoe.build_tokenizer(texts, vocab_size=300)
+    from train.demo import demo_model_config
+
+    processor = skymoe.SkyMoEProcessor.for_config(demo_model_config(TINY_MODEL, tokenizer), tokenizer)
+    rec = InstructionRecord("x", image_path, "classify", "global", turns, "test:1")
+    sample = encode_sample(rec, processor, max_length=512)
+    labelled = sample["labels"] != IGNORE_INDEX
+    runs = int((labelled[1:] & ~labelled[:-1]).sum()) + int(labelled[0])
+    assert runs == len(turns) == 5
+    decoded = tokenizer.decode(sample["labels"][labelled])
+    assert all(answer in decoded for _, answer in turns)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    cfg = DemoConfig(seed=3, model=TINY_MODEL,
+                     data=DemoData(scenes=6, cda_share=0.5, val_scenes=1, workers=1),
+                     training=DemoTraining(budget_minutes=0.3, micro_batch=2, global_batch=2, chunk_minutes=0.05,
+                                           max_length=512))
+    out = root / "ckpt"
+    summary = run_demo(cfg, out, root / "work")
+    return out, summary, root / "work"
+
+
+def test_demo_recipe_writes_a_loadable_moe_checkpoint(demo_run):
+    out, summary, _ = demo_run
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "README.md",
+            "training_summary.json"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "skymoe" and config["num_experts"] == 4 and config["moe_layers"] == [1]
+    with safe_open(out / "model.safetensors", "pt") as fh:
+        keys = list(fh.keys())
+        assert fh.get_tensor(keys[0]).dtype == torch.bfloat16
+    assert sum(".mlp.experts." in k for k in keys) > 0 and any(".mlp.router." in k for k in keys)
+    model = skymoe.SkyMoEForConditionalGeneration.from_pretrained(out)
+    processor = skymoe.SkyMoEProcessor.from_pretrained(out)
+    tokenizer = processor.tokenizer
+    assert len(tokenizer.tokenize("<17>")) == 1 and len(tokenizer.tokenize("7")) == 1
+    batch = processor(images=np.zeros((56, 56, 3), np.uint8),
+                      text=skymoe.render_conversation([(skymoe.build_prompt("count", "car"), None)]),
+                      return_tensors="pt")
+    out_ids = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert out_ids.shape[1] > batch["input_ids"].shape[1]
+
+
+def test_demo_recipe_ran_both_stages_and_reports_them(demo_run):
+    out, summary, work = demo_run
+    phases = {p["name"]: p for p in summary["phases"]}
+    assert set(phases) == {"dense", "moe"}
+    for phase in phases.values():
+        assert phase["steps_done"] >= 1 and np.isfinite(phase["final_loss"])
+        assert phase["quick_eval"] and {"classify", "vqa", "count"} <= set(phase["quick_eval"][-1])
+    moe_log = [json.loads(line) for line in (work / "runs" / "moe" / "log.jsonl").read_text().splitlines()]
+    assert all(rec["aux_loss"] > 0 for rec in moe_log)  # Stage II optimises LM + alpha * aux
+    dense_log = [json.loads(line) for line in (work / "runs" / "dense" / "log.jsonl").read_text().splitlines()]
+    assert all(rec["aux_loss"] == 0 for rec in dense_log)
+    records, bad = read_instruction_jsonl(work / "moe.jsonl")
+    assert not bad and all(len(r.turns) >= 2 for r in records)
+    assert any("augmentation" in line for line in (work / "moe.jsonl").read_text().splitlines())
+    card = (out / "README.md").read_text()
+    assert "synthetic" in card.lower() and "python -m train.demo" in card
+
+
+def test_cli_rejects_a_bad_config_field(tmp_path, capsys):
+    code = main(["--out", str(tmp_path / "o"), "--set", "model.text_hidden=wide"])
+    assert code == 2
+    assert "model.text_hidden" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

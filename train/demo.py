@@ -1,0 +1,574 @@
+"""Train the shipped demo checkpoint from scratch on synthetic scenes (issue 5, item 5).
+
+``python -m train.demo --out assets/skymoe-demo [--budget-minutes 90] [--seed 0]`` runs the
+whole recipe on CPU (or one GPU) within the time budget:
+
+1. **Data**: synthetic scenes (:mod:`train.synthetic`) on an easy-to-dense curriculum, CDA
+   variants (:func:`train.cda.augment_image`) of a share of them, and instruction samples
+   (:func:`train.instructions.make_samples`) packed into one multi-turn conversation per image
+   (the image is encoded once, the loss covers every answer).
+2. **Tokenizer**: :func:`skymoe.build_tokenizer` trained on the conversations (grid tokens
+   ``<0>``..``<100>`` and digits are single tokens).
+3. **Model**: a small SkyMoE from scratch (:func:`skymoe.tiny_config` with the demo widths):
+   CLIP-architecture tower at 504 px with 28 px patches (18 x 18 = 324 image tokens), LLaVA
+   2-layer MLP projector, small Llama; every Linear width a multiple of 64 (4-bit on CPU).
+4. **Stage "dense"**: all parameters trained with the LM loss on answer tokens
+   (:func:`train.loop.train`) on the easier scenes.
+5. **Stage II**: :func:`skymoe.upcycle` to E experts on every second layer, top-k, and
+   fine-tuning of all parameters with ``LM + alpha * aux`` on all scenes.
+6. The model is saved with ``save_pretrained`` (safetensors) plus the processor, a
+   ``training_summary.json`` and a model card.
+
+Each phase runs in chunks of the explicit loop (checkpoint, then resume), with a quick
+held-out check (:func:`train.eval.score_results` on a validation benchmark whose seed is
+``seed + 1``, never an evaluation seed) between chunks. The phase length in steps is planned
+from a measured step time so that the whole run fits ``--budget-minutes``; a phase that runs
+past its share of the budget stops at the next chunk boundary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import skymoe
+from skymoe.prompts import render_conversation
+from train.cda import CdaOptions, augment_image
+from train.config import ConfigError, LoopConfig, OptimConfig, load_config
+from train.dataset import InstructionDataset, PaddingCollator, read_instruction_jsonl
+from train.eval import SampleResult, build_synthetic_benchmark, score_results
+from train.instructions import InstructionSample, SampleOptions, make_samples, write_jsonl
+from train.loop import train
+from train.stage1 import save_model_folder
+from train.stage2 import set_trainable
+from train.synthetic import generate_dataset
+from train.synthetic.dataset import write_image
+
+__all__ = [
+    "DemoModel",
+    "TurnQuota",
+    "DemoData",
+    "DemoTraining",
+    "DemoConfig",
+    "PhaseReport",
+    "build_training_data",
+    "pack_conversation",
+    "demo_model_config",
+    "build_demo_model",
+    "quick_eval",
+    "run_demo",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+_QUICK_BUDGET = {"caption": 48, "classify": 8, "vqa": 8, "ground": 24, "count": 8}
+
+
+@dataclass
+class DemoModel:
+    """Widths of the demo SkyMoE (all multiples of 64 where bitsandbytes quantizes).
+
+    Attributes:
+        image_size: vision input side in px (504 as the full model).
+        patch_size: vision patch side in px (28 -> 18 x 18 = 324 image tokens at 504 px).
+        vision_hidden / vision_layers / vision_heads: CLIP tower (MLP 4x wide).
+        text_hidden / text_intermediate / text_layers / text_heads: Llama decoder.
+        bpe_vocab: BPE vocabulary before the added grid/digit tokens.
+        num_experts / top_k / aux_loss_coef: Stage II MoE (every second layer, odd indices).
+    """
+
+    image_size: int = 504
+    patch_size: int = 28
+    vision_hidden: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_hidden: int = 256
+    text_intermediate: int = 512
+    text_layers: int = 4
+    text_heads: int = 4
+    bpe_vocab: int = 1000
+    num_experts: int = 4
+    top_k: int = 2
+    aux_loss_coef: float = 0.01
+
+
+@dataclass
+class TurnQuota:
+    """Turns per task code packed into one conversation (``train.config`` reads no dict types)."""
+
+    SC: int = 1
+    IC: int = 1
+    VQA: int = 4
+    VG: int = 2
+    OC: int = 2
+
+
+@dataclass
+class DemoData:
+    """Synthetic training data.
+
+    Attributes:
+        scenes: scenes generated for training (each one conversation).
+        cda_share: share of scenes that also get CDA variants (each variant one conversation).
+        cda_variants_per_scene: at most this many variants kept per augmented scene.
+        dense_difficulty: difficulty ramp of the scenes the dense stage sees (curriculum).
+        turns: per-task number of turns packed into a conversation (SC, IC, VQA, VG, OC).
+        val_scenes: scenes of the held-out validation benchmark (seed ``seed + 1``).
+        workers: processes generating scenes.
+    """
+
+    scenes: int = 900
+    cda_share: float = 0.2
+    cda_variants_per_scene: int = 2
+    dense_difficulty: list[float] = field(default_factory=lambda: [0.0, 0.6])
+    turns: TurnQuota = field(default_factory=TurnQuota)
+    val_scenes: int = 6
+    workers: int = 2
+
+
+@dataclass
+class DemoTraining:
+    """Schedule of the two stages within the time budget.
+
+    Attributes:
+        budget_minutes: wall-clock budget of the whole recipe.
+        dense_share: share of the time left after data generation given to the dense stage.
+        micro_batch / global_batch: conversations per forward / per optimizer step.
+        dense_lr / moe_lr: peak AdamW learning rates (cosine, warmup 5 %, floor 10 %).
+        chunk_minutes: train this long between checkpoint + quick held-out check.
+        max_length: token limit of a conversation (image tokens included).
+        threads: torch CPU threads (0 = torch's default).
+    """
+
+    budget_minutes: float = 90.0
+    dense_share: float = 0.6
+    micro_batch: int = 4
+    global_batch: int = 8
+    dense_lr: float = 1e-3
+    moe_lr: float = 3e-4
+    chunk_minutes: float = 12.0
+    max_length: int = 640
+    threads: int = 0
+
+
+@dataclass
+class DemoConfig:
+    """``train/configs/demo.yaml``."""
+
+    seed: int = 0
+    model: DemoModel = field(default_factory=DemoModel)
+    data: DemoData = field(default_factory=DemoData)
+    training: DemoTraining = field(default_factory=DemoTraining)
+
+
+@dataclass
+class PhaseReport:
+    """What one training phase did (written to ``training_summary.json``)."""
+
+    name: str
+    steps_planned: int
+    steps_done: int
+    seconds: float
+    seconds_per_step: float
+    conversations: int
+    final_loss: float
+    quick_eval: list[dict] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def pack_conversation(samples: list[InstructionSample], quota: dict[str, int],
+                      rng: np.random.Generator) -> dict:
+    """Several samples about one image as ONE multi-turn JSONL record.
+
+    Picks up to ``quota[code]`` samples per task code, shuffles the turns, keeps
+    ``"<image>\\n"`` only on the first human message. ``task``/``granularity`` are the first turn's.
+
+    Args:
+        samples: single-turn samples of the same image.
+        quota: task code -> turns.
+        rng: picks and order.
+
+    Returns:
+        The JSONL record (``train.dataset`` reads its alternating human/gpt turns).
+
+    Raises:
+        ValueError: the samples do not share one image, or none is picked.
+    """
+    if len({s.image for s in samples}) != 1:
+        raise ValueError(f"pack_conversation needs samples of one image, got {sorted({s.image for s in samples})[:3]}")
+    picked: list[InstructionSample] = []
+    for code, n in quota.items():
+        pool = [s for s in samples if s.task == code]
+        picked += [pool[i] for i in rng.permutation(len(pool))[:n]]
+    if not picked:
+        raise ValueError(f"no sample of the tasks {sorted(quota)} for image {samples[0].image if samples else '?'}")
+    picked = [picked[i] for i in rng.permutation(len(picked))]
+    turns = []
+    for i, sample in enumerate(picked):
+        question = sample.prompt if i else f"<image>\n{sample.prompt}"
+        turns += [{"from": "human", "value": question}, {"from": "gpt", "value": sample.answer}]
+    first = picked[0]
+    return {"id": f"{Path(first.image).stem}_conv", "image": first.image, "task": first.task,
+            "granularity": first.granularity, "conversations": turns}
+
+
+def _cda_records(scene, work_dir: Path, rng: np.random.Generator, cfg: DemoData) -> list[dict]:
+    """CDA variants of one scene as conversations: the variant's own sample plus counts of two other classes.
+
+    Counts come from the variant's annotations (updated by the edit); the class a cutout variant
+    counts is not asked twice.
+    """
+    with Image.open(scene.image_path) as img:
+        rgb = np.asarray(img.convert("RGB"))
+    variants = augment_image(scene, rgb, rng, CdaOptions(cutout_variants=2, spatial_edits=1, colour_edits=1))
+    records = []
+    for k in rng.permutation(len(variants))[: cfg.cda_variants_per_scene]:
+        variant = variants[int(k)]
+        path = Path(scene.image_path).with_name(f"{Path(scene.image_path).stem}_{variant.name}.png")
+        write_image(path, variant.rgb)
+        ref = str(path.relative_to(work_dir))
+        asked = f"_OC_{variant.query.replace(' ', '_')}" if variant.task == "count" else None
+        others = [s for s in make_samples(variant.image, ref, SampleOptions(tasks=frozenset({"OC"})))
+                  if asked is None or not s.id.endswith(asked)]
+        picked = variant.samples(ref) + [others[i] for i in rng.permutation(len(others))[:2]]
+        record = pack_conversation(picked, dict(Counter(s.task for s in picked)), rng)
+        records.append({**record, "augmentation": variant.record})
+    return records
+
+
+def build_training_data(work_dir: Path, cfg: DemoData, seed: int) -> tuple[Path, Path]:
+    """Generate the scenes, CDA variants and packed conversations.
+
+    Scenes ``0 .. scenes-1`` ramp from difficulty 0 to 1 (curriculum order). The dense stage
+    gets the scenes whose difficulty lies in ``dense_difficulty`` (and their variants); the
+    MoE stage gets all of them.
+
+    Returns:
+        ``(dense_jsonl, moe_jsonl)`` in ``work_dir``.
+    """
+    scenes = generate_dataset(work_dir, cfg.scenes, seed=seed, difficulty=(0.0, 1.0), workers=cfg.workers)
+    rng = np.random.default_rng([seed, 7])
+    dense, full = [], []
+    cda_every = max(1, round(1 / cfg.cda_share)) if cfg.cda_share > 0 else 0
+    lo, hi = cfg.dense_difficulty
+    for i, scene in enumerate(scenes):
+        ref = str(Path(scene.image_path).relative_to(work_dir))
+        records = [pack_conversation(make_samples(scene, ref), asdict(cfg.turns), rng)]
+        if cda_every and i % cda_every == 0:
+            records += _cda_records(scene, work_dir, rng, cfg)
+        difficulty = i / max(1, len(scenes) - 1)
+        full += records
+        if lo <= difficulty <= hi:
+            dense += records
+    paths = (work_dir / "dense.jsonl", work_dir / "moe.jsonl")
+    for path, records in zip(paths, (dense, full)):
+        write_jsonl(path, records)
+    logger.info("training data: %d scenes, %d conversations (dense stage %d)", len(scenes), len(full), len(dense))
+    return paths
+
+
+def _conversation_texts(jsonl: Path) -> list[str]:
+    """Rendered conversations of a JSONL file (the tokenizer corpus)."""
+    records, _ = read_instruction_jsonl(jsonl, check_images=False)
+    return [render_conversation(list(r.turns), add_generation_prompt=False) for r in records]
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def demo_model_config(cfg: DemoModel, tokenizer) -> skymoe.SkyMoEConfig:
+    """The dense SkyMoE config of the demo (vocabulary rounded up to a multiple of 64)."""
+    vision = {"hidden_size": cfg.vision_hidden, "intermediate_size": 4 * cfg.vision_hidden,
+              "num_hidden_layers": cfg.vision_layers, "num_attention_heads": cfg.vision_heads,
+              "image_size": cfg.image_size, "patch_size": cfg.patch_size, "projection_dim": cfg.vision_hidden}
+    text = {"hidden_size": cfg.text_hidden, "intermediate_size": cfg.text_intermediate,
+            "num_hidden_layers": cfg.text_layers, "num_attention_heads": cfg.text_heads,
+            "num_key_value_heads": cfg.text_heads, "vocab_size": -(-len(tokenizer) // 64) * 64,
+            "max_position_embeddings": 1024, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    return skymoe.tiny_config(
+        vision_config=vision, text_config=text, num_experts=1, moe_layers=[],
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,  # a 4-layer tower has no spare layer to skip
+        router_aux_loss_coef=cfg.aux_loss_coef,
+    )
+
+
+def build_demo_model(cfg: DemoModel, tokenizer, seed: int) -> tuple[skymoe.SkyMoEForConditionalGeneration, object]:
+    """A fresh dense demo model (fp32) and its processor."""
+    config = demo_model_config(cfg, tokenizer)
+    torch.manual_seed(seed)
+    model = skymoe.SkyMoEForConditionalGeneration(config)
+    model.generation_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id)
+    return model, skymoe.SkyMoEProcessor.for_config(config, tokenizer)
+
+
+# ----------------------------------------------------------------------------- quick held-out check
+
+
+@torch.no_grad()
+def _greedy(model, processor, images: list[Image.Image], prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers through transformers' ``generate`` (left padding, KV cache)."""
+    texts = [render_conversation([(p, None)]) for p in prompts]
+    batch = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=processor.tokenizer.pad_token_id)
+    return processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def quick_eval(model, processor, records, batch_size: int = 8) -> dict[str, dict[str, float]]:
+    """Per-task scores of greedy answers on held-out records (one query per record).
+
+    SC, VQA, VG and OC are scored by :func:`train.eval.score_results`; captions by a cheap
+    proxy, pycocoevalcap's BLEU-4 on lower-cased whitespace tokens against the one reference
+    (the Java tokenizer and METEOR take a minute per call: the real numbers come from
+    ``python -m train.eval``).
+
+    Returns:
+        Task -> metrics (``n`` included).
+    """
+    was_training = model.training
+    model.eval()
+    results, sizes = [], {}
+    for task in sorted({r.task for r in records}):
+        todo = [r for r in records if r.task == task]
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            images = [Image.open(r.image_path).convert("RGB") for r in chunk]
+            answers = _greedy(model, processor, images, [r.prompt for r in chunk], _QUICK_BUDGET[task])
+            for rec, image, answer in zip(chunk, images, answers):
+                results.append(SampleResult(rec.id, task, rec.granularity, rec.prompt, answer.strip(),
+                                            [rec.answer], 1.0))
+                sizes[rec.id] = image.size
+    model.train(was_training)
+    captions = [r for r in results if r.task == "caption"]
+    scores = score_results([r for r in results if r.task != "caption"], sizes).per_task
+    if captions:
+        scores["caption"] = {"n": float(len(captions)), "BLEU-4 (proxy)": _bleu4_proxy(captions)}
+    logger.info("quick held-out check: %s", json.dumps({k: {m: round(v, 3) for m, v in d.items()}
+                                                        for k, d in scores.items()}))
+    return scores
+
+
+def _bleu4_proxy(results: list[SampleResult]) -> float:
+    """BLEU-4 x 100 on lower-cased, punctuation-split whitespace tokens (no Java)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    def tokens(text: str) -> str:
+        return " ".join("".join(c if c.isalnum() else f" {c} " for c in text.lower()).split())
+
+    refs = {str(i): [tokens(x) for x in r.references] for i, r in enumerate(results)}
+    hyps = {str(i): [tokens(r.prediction) or "-"] for i, r in enumerate(results)}
+    score, _ = Bleu(4).compute_score(refs, hyps, verbose=0)
+    return 100.0 * float(score[3])
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _seconds_per_step(model, dataset, collator, tcfg: DemoTraining) -> float:
+    """Measured seconds of one optimizer step (best of two micro-batch forward+backward passes)."""
+    batch = collator([dataset[i % len(dataset)] for i in range(tcfg.micro_batch)])
+    model.train()
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        model(**batch).loss.backward()
+        times.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    return min(times) * tcfg.global_batch / tcfg.micro_batch
+
+
+def run_phase(name: str, model, processor, train_jsonl: Path, val_records, tcfg: DemoTraining, lr: float,
+              seconds: float, run_dir: Path, seed: int) -> PhaseReport:
+    """Train ``model`` in place for about ``seconds`` with the explicit loop, in checked chunks.
+
+    The step count is planned from a measured step time (cosine schedule over the plan);
+    after every chunk of ``chunk_minutes`` the loop checkpoints, a quick held-out check runs,
+    and the phase stops early once it is 10 % past ``seconds``.
+
+    Args:
+        name: phase name (``"dense"`` or ``"moe"``), the loop's folder under ``run_dir``.
+        model, processor: the model to train (fp32) and its processor.
+        train_jsonl: packed conversations.
+        val_records: held-out :class:`train.dataset.InstructionRecord` s for the quick check.
+        tcfg: batch sizes, chunk length, sequence limit.
+        lr: peak learning rate.
+        seconds: time share of this phase.
+        run_dir: where the loop writes checkpoints and ``log.jsonl``.
+        seed: loop seed (data order).
+    """
+    records, _ = read_instruction_jsonl(train_jsonl)
+    dataset = InstructionDataset(records, processor, tcfg.max_length)
+    collator = PaddingCollator(processor.tokenizer.pad_token_id)
+    per_step = _seconds_per_step(model, dataset, collator, tcfg)
+    total = max(1, int(0.9 * seconds / per_step))
+    chunk = max(1, min(total, int(tcfg.chunk_minutes * 60 / per_step)))
+    steps_per_epoch = math.ceil(len(dataset) / tcfg.global_batch)
+    loop_cfg = LoopConfig(output_dir=str(run_dir / name), epochs=math.ceil(total / steps_per_epoch),
+                          global_batch_size=tcfg.global_batch, per_device_batch_size=tcfg.micro_batch,
+                          bf16=True, seed=seed, save_every_steps=chunk, keep_checkpoints=1, max_steps=total,
+                          resume="auto")
+    optim = OptimConfig(lr=lr, min_lr_ratio=0.1, warmup_ratio=0.05, weight_decay=0.0, max_grad_norm=1.0)
+    logger.info("phase %s: %d conversations, %.2f s/step measured -> %d steps (%.1f epochs), chunks of %d",
+                name, len(dataset), per_step, total, total / steps_per_epoch, chunk)
+    report = PhaseReport(name, total, 0, 0.0, per_step, len(dataset), float("nan"))
+    start = time.monotonic()
+    while report.steps_done < total:
+        result = train(model, dataset, collator, loop_cfg, optim, stop_after=min(total, report.steps_done + chunk))
+        report.steps_done, report.final_loss = result.last_step, result.history[-1].loss
+        report.quick_eval.append({"step": result.last_step, "minutes": (time.monotonic() - start) / 60,
+                                  "loss": report.final_loss, **quick_eval(model, processor, val_records)})
+        if time.monotonic() - start > 1.1 * seconds and report.steps_done < total:
+            logger.warning("phase %s: time share used up at step %d of %d; stopping early", name,
+                           report.steps_done, total)
+            break
+    report.seconds = time.monotonic() - start
+    report.seconds_per_step = report.seconds / max(1, report.steps_done)
+    return report
+
+
+def _summary_card(cfg: DemoConfig, summary: dict) -> str:
+    """The model card written next to the weights (scores are added after evaluation)."""
+    m, d = cfg.model, cfg.data
+    phases = "\n".join(f"| {p['name']} | {p['conversations']} | {p['steps_done']} / {p['steps_planned']} | "
+                       f"{p['seconds'] / 60:.1f} | {p['final_loss']:.3f} |" for p in summary["phases"])
+    return f"""# SkyMoE demo checkpoint (synthetic domain only)
+
+A small SkyMoE trained from scratch by `python -m train.demo --out {summary['out']} --budget-minutes
+{cfg.training.budget_minutes:g} --seed {cfg.seed}` in {summary['minutes']:.1f} minutes on {summary['device']}.
+It exists so the app works out of the box; it has only ever seen procedurally generated
+scenes (`train.synthetic`) and is **not** a remote-sensing model for real imagery.
+
+## Model
+- CLIP-architecture vision tower: {m.vision_layers} layers, width {m.vision_hidden}, {m.image_size} px input,
+  {m.patch_size} px patches ({(m.image_size // m.patch_size) ** 2} image tokens), last layer's features.
+- LLaVA 2-layer MLP projector; Llama decoder: {m.text_layers} layers, width {m.text_hidden}, MLP {m.text_intermediate}.
+- MoE: {m.num_experts} experts, top-{m.top_k}, on decoder layers {summary['moe_layers']} (upcycled), alpha = {m.aux_loss_coef}.
+- Tokenizer: byte-level BPE ({summary['vocab']} ids) trained on the training conversations, with the box
+  grid `<0>`..`<100>` and the digits as single tokens. Parameters: {summary['params'] / 1e6:.2f} M (bf16 weights).
+
+## Data and recipe
+- {d.scenes} synthetic scenes (seed {cfg.seed}, 9 scene classes, difficulty ramped 0 -> 1), CDA variants
+  (count-varying cutout, spatial and colour edits) for every {max(1, round(1 / d.cda_share)) if d.cda_share else 0}th scene.
+- Instruction samples from `train.instructions`, packed per image into one multi-turn conversation
+  (turns per task {asdict(d.turns)}); loss on answer tokens only.
+- Stage "dense": all parameters, scenes of difficulty {d.dense_difficulty[0]}-{d.dense_difficulty[1]}, AdamW lr
+  {cfg.training.dense_lr:g}; Stage II: `skymoe.upcycle`, all parameters, all scenes, LM + alpha * aux, lr {cfg.training.moe_lr:g};
+  cosine schedules, global batch {cfg.training.global_batch}.
+
+| phase | conversations | steps done / planned | minutes | last loss |
+|---|---|---|---|---|
+{phases}
+
+## Limits
+Synthetic domain only: the scenes, object classes ({', '.join(summary['object_classes'])}), colours and
+phrasings are those of the generator. Expect nothing useful on real imagery.
+"""
+
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+def run_demo(cfg: DemoConfig, out_dir: Path, work_dir: Path) -> dict:
+    """The whole recipe (module docstring); returns the training summary written beside the weights."""
+    start = time.monotonic()
+    budget_s = cfg.training.budget_minutes * 60
+    if cfg.training.threads:
+        torch.set_num_threads(cfg.training.threads)
+    dense_jsonl, moe_jsonl = build_training_data(work_dir, cfg.data, cfg.seed)
+    val_path = build_synthetic_benchmark(work_dir / "val", cfg.data.val_scenes * 5, seed=cfg.seed + 1)
+    val_records, _ = read_instruction_jsonl(val_path)
+    tokenizer = skymoe.build_tokenizer(_conversation_texts(moe_jsonl), vocab_size=cfg.model.bpe_vocab)
+    model, processor = build_demo_model(cfg.model, tokenizer, cfg.seed)
+    logger.info("data and tokenizer ready after %.1f min", (time.monotonic() - start) / 60)
+    reserve_s = 60.0 if budget_s > 600 else 0.1 * budget_s  # saving and the card
+    left = budget_s - (time.monotonic() - start) - reserve_s
+    dense = run_phase("dense", model, processor, dense_jsonl, val_records, cfg.training, cfg.training.dense_lr,
+                      left * cfg.training.dense_share, work_dir / "runs", cfg.seed)
+    model = skymoe.upcycle(model, cfg.model.num_experts, None, num_experts_per_tok=cfg.model.top_k)
+    set_trainable(model, "all")
+    left = budget_s - (time.monotonic() - start) - reserve_s
+    moe = run_phase("moe", model, processor, moe_jsonl, val_records, cfg.training, cfg.training.moe_lr,
+                    left, work_dir / "runs", cfg.seed + 2)
+    params = sum(p.numel() for p in model.parameters())
+    save_model_folder(model.eval(), processor, out_dir, torch.bfloat16)
+    summary = {
+        "out": str(out_dir), "minutes": (time.monotonic() - start) / 60, "config": asdict(cfg),
+        "device": f"{torch.get_num_threads()} CPU threads" if not torch.cuda.is_available() else "CUDA",
+        "vocab": len(tokenizer), "params": params, "moe_layers": model.config.moe_layers,
+        "object_classes": _object_classes(),
+        "phases": [asdict(dense), asdict(moe)], "validation_seed": cfg.seed + 1,
+    }
+    (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=1))
+    (out_dir / "README.md").write_text(_summary_card(cfg, summary))
+    logger.info("demo checkpoint written to %s after %.1f min", out_dir, summary["minutes"])
+    return summary
+
+
+def _object_classes() -> list[str]:
+    """The synthetic generator's object classes (for the card)."""
+    from train.synthetic import OBJECT_CLASSES
+
+    return sorted(OBJECT_CLASSES)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="checkpoint folder to write (e.g. assets/skymoe-demo)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo YAML (default: %(default)s)")
+    parser.add_argument("--budget-minutes", type=float, default=None, help="wall-clock budget (overrides the config)")
+    parser.add_argument("--seed", type=int, default=None, help="training seed (validation uses seed + 1)")
+    parser.add_argument("--work-dir", default=None, help="scenes, JSONL and loop checkpoints (default: a temp folder)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. data.scenes=100")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point (see the module docstring)."""
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = list(args.set)
+    if args.budget_minutes is not None:
+        overrides.append(f"training.budget_minutes={args.budget_minutes}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    try:
+        cfg = load_config(args.config, DemoConfig, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if cfg.training.budget_minutes <= 0:
+        print(f"error: --budget-minutes must be > 0, got {cfg.training.budget_minutes}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory(prefix="skymoe-demo-") as tmp:
+        work = Path(args.work_dir) if args.work_dir else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        summary = run_demo(cfg, out, work.resolve())
+    print(f"wrote {out} in {summary['minutes']:.1f} min; evaluate with: python -m train.eval --model {out} "
+          f"--synthetic --seed <never used in training> --n 500 --out <metrics.json>")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
