@@ -83,7 +83,10 @@ def generate(
     results: list[Generation] = []
     for start in range(0, len(prompts), step):
         chunk = slice(start, start + step)
-        results.extend(_generate_batch(model, processor, list(images[chunk]), list(prompts[chunk]), max_new_tokens, do_sample))
+        batch = _generate_batch(
+            model, processor, list(images[chunk]), list(prompts[chunk]), max_new_tokens, do_sample
+        )
+        results.extend(batch)
     return results
 
 

@@ -269,5 +269,6 @@ def _load_weights(folder: Path, quant: Quant, target: torch.device, dtype: torch
         missing = sorted(info["missing_keys"])
         raise CheckpointError(f"{folder} lacks {len(missing)} weights the config needs, e.g. {missing[:3]}")
     if info["unexpected_keys"]:
-        logger.warning("%s holds %d weights the model does not use, e.g. %s", folder, len(info["unexpected_keys"]), sorted(info["unexpected_keys"])[:3])
+        unexpected = sorted(info["unexpected_keys"])
+        logger.warning("%s holds %d weights the model does not use, e.g. %s", folder, len(unexpected), unexpected[:3])
     return model

@@ -120,7 +120,9 @@ class RoutingTrace:
         patches = self.patch_index
         selected = (self.sample_index == sample) & (patches >= 0)
         if not bool(selected.any()):
-            raise ValueError(f"no image tokens recorded for sample {sample}: run a forward with pixel_values inside the trace")
+            raise ValueError(
+                f"no image tokens recorded for sample {sample}: run a forward with pixel_values inside the trace"
+            )
         cells = patches[selected] % (grid_h * grid_w)  # (n,) patch cell
         seen = torch.bincount(cells, minlength=grid_h * grid_w).clamp(min=1).float()  # (cells,)
         maps = np.zeros((len(self.moe_layers), self.num_experts, grid_h, grid_w), dtype=np.float32)
@@ -141,7 +143,13 @@ class RoutingTrace:
                 load[row] = (torch.bincount(chosen, minlength=self.num_experts).float() / chosen.numel()).numpy()
         return load
 
-    def _on_call(self, input_ids: torch.Tensor | None, embeds: torch.Tensor | None, mask: torch.Tensor | None, has_images: bool) -> None:
+    def _on_call(
+        self,
+        input_ids: torch.Tensor | None,
+        embeds: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        has_images: bool,
+    ) -> None:
         """Book-keep one forward call's tokens (called by the pre-forward hook)."""
         shape = input_ids.shape if input_ids is not None else embeds.shape[:2]
         batch, seq = int(shape[0]), int(shape[1])
@@ -151,7 +159,10 @@ class RoutingTrace:
             offset = self._samples_seen
             self._samples_seen += batch
         self._last_batch = (offset, batch)
-        token_mask = torch.ones(batch, seq, dtype=torch.bool) if mask is None or mask.ndim != 2 else mask[:, -seq:].bool().cpu()
+        if mask is None or mask.ndim != 2:
+            token_mask = torch.ones(batch, seq, dtype=torch.bool)
+        else:
+            token_mask = mask[:, -seq:].bool().cpu()  # the newest `seq` positions
         patch = torch.full((batch, seq), -1, dtype=torch.long)
         if has_images and input_ids is not None:
             is_image = (input_ids == self.image_token_id).cpu()  # (batch, seq)
@@ -188,11 +199,12 @@ def capture_routing(model: nn.Module) -> Iterator[RoutingTrace]:
 
     def _before_forward(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        trace._on_call(input_ids, kwargs.get("inputs_embeds"), kwargs.get("attention_mask"), kwargs.get("pixel_values") is not None)
+        has_images = kwargs.get("pixel_values") is not None
+        trace._on_call(input_ids, kwargs.get("inputs_embeds"), kwargs.get("attention_mask"), has_images)
 
     def _after_router(module: SkyMoERouter, _args: tuple, output: RouterOutput) -> None:
-        detached = RouterOutput(*(t.detach().cpu() for t in (output.logits, output.probs, output.top_k_weights, output.top_k_index)))
-        trace._records.setdefault(module.layer_idx, []).append(detached)
+        tensors = (output.logits, output.probs, output.top_k_weights, output.top_k_index)
+        trace._records.setdefault(module.layer_idx, []).append(RouterOutput(*(t.detach().cpu() for t in tensors)))
 
     handles = [model.register_forward_pre_hook(_before_forward, with_kwargs=True)]
     handles += [r.register_forward_hook(_after_router) for r in routers]

@@ -41,7 +41,8 @@ class ModelSummary:
 
     def __str__(self) -> str:
         return (
-            f"SkyMoE: {self.total_params / 1e9:.2f} B parameters, {self.active_params_per_token / 1e9:.2f} B active per token, "
+            f"SkyMoE: {self.total_params / 1e9:.2f} B parameters, "
+            f"{self.active_params_per_token / 1e9:.2f} B active per token, "
             f"E={self.num_experts} on {len(self.moe_layers)} MoE layers, quant={self.quantization}, "
             f"{self.device}, {self.dtype}"
         )

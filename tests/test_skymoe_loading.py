@@ -63,6 +63,13 @@ def test_missing_folder_and_config(tmp_path, tiny_dir):
         load_model(broken, quant="none")
 
 
+def test_missing_processor_files_are_named(tmp_path, tiny_dir):
+    broken = _copy(tiny_dir, tmp_path)
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"has no tokenizer \(tokenizer\.json or tokenizer\.model\)"):
+        load_model(broken, quant="none")
+
+
 def test_other_model_type_is_refused_with_a_conversion_hint(tmp_path, tiny_dir):
     broken = _copy(tiny_dir, tmp_path)
     raw = json.loads((broken / "config.json").read_text())
@@ -127,6 +134,11 @@ def test_4bit_on_cpu_quantizes_experts_but_not_router_vision_projector_head(tiny
     for module in (inner.language_model.layers[1].mlp.router.gate, inner.multi_modal_projector.linear_1, loaded.model.lm_head):
         assert type(module) is torch.nn.Linear
     assert not any("Linear4bit" == type(m).__name__ for m in inner.vision_tower.modules())
+    # model_summary counts packed 4-bit weights logically: same totals as the fp32 model
+    full = skymoe.model_summary(skymoe.SkyMoEForConditionalGeneration(loaded.model.config))
+    nf4 = skymoe.model_summary(loaded.model)
+    assert nf4.quantization == "4bit"
+    assert (nf4.total_params, nf4.active_params_per_token) == (full.total_params, full.active_params_per_token)
 
 
 def test_4bit_on_cpu_with_narrow_layers_falls_back_with_a_warning(tmp_path):
