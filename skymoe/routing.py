@@ -126,7 +126,7 @@ class RoutingTrace:
         cells = patches[selected] % (grid_h * grid_w)  # (n,) patch cell
         seen = torch.bincount(cells, minlength=grid_h * grid_w).clamp(min=1).float()  # (cells,)
         maps = np.zeros((len(self.moe_layers), self.num_experts, grid_h, grid_w), dtype=np.float32)
-        for row, (idx, routing) in enumerate(self.layers.items()):
+        for row, routing in enumerate(self.layers.values()):
             topk = routing.topk[selected]  # (n, k)
             hits = torch.zeros(self.num_experts, grid_h * grid_w)
             for slot in range(topk.shape[1]):

@@ -149,3 +149,22 @@ def test_4bit_on_cpu_with_narrow_layers_falls_back_with_a_warning(tmp_path):
     messages = [str(w.message) for w in caught if issubclass(w.category, SkyMoELoadWarning)]
     assert len(messages) == 1 and "multiple of 64" in messages[0] and "in_features=96" in messages[0]
     assert not any(type(m).__name__ == "Linear4bit" for m in loaded.model.modules())
+
+
+def test_8bit_on_cpu_loads_int8_linears_and_runs(tiny_dir):
+    loaded = load_model(tiny_dir, quant="8bit", device="cpu")
+    inner = loaded.model.model
+    assert type(inner.language_model.layers[1].mlp.experts[0].up_proj).__name__ == "Linear8bitLt"
+    assert type(inner.language_model.layers[1].mlp.router.gate) is torch.nn.Linear
+    ids, pixels = _batch(loaded.model)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bitsandbytes warns that it casts inputs to fp16
+        logits = loaded.model(input_ids=ids, pixel_values=pixels).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_missing_bitsandbytes_falls_back_with_a_warning(tiny_dir, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
+    with pytest.warns(SkyMoELoadWarning, match="needs bitsandbytes, which cannot be imported"):
+        loaded = load_model(tiny_dir, quant="8bit", device="cpu")
+    assert skymoe.model_summary(loaded.model).quantization == "none"
