@@ -404,12 +404,13 @@ def _check_params(folder: Path, saved: dict, expected: dict) -> None:
 def _make_accelerator(loop_cfg: LoopConfig):
     from accelerate import Accelerator, PartialState
 
-    world = PartialState().num_processes
+    cpu = not torch.cuda.is_available()  # CPU-only: torchrun workers join a gloo group (tests, debugging)
+    world = PartialState(cpu=cpu).num_processes
     accum = accumulation_steps(loop_cfg.global_batch_size, loop_cfg.per_device_batch_size, world)
-    bf16 = loop_cfg.bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    bf16 = loop_cfg.bf16 and not cpu and torch.cuda.is_bf16_supported()
     if loop_cfg.bf16 and not bf16:
         logger.info("bf16 requested but this hardware has no bf16 CUDA; training in fp32")
-    accelerator = Accelerator(gradient_accumulation_steps=accum, mixed_precision="bf16" if bf16 else "no")
+    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=accum, mixed_precision="bf16" if bf16 else "no")
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:  # the loop batches its own data, so DeepSpeed cannot infer the micro-batch
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = loop_cfg.per_device_batch_size
