@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import skymoe
-
 from train_samples import write_instruction_jsonl
+
+import skymoe
 
 REPO = Path(__file__).resolve().parent.parent
 
