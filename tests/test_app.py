@@ -154,3 +154,22 @@ def test_leaflet_is_served_by_the_app(app):
         assert b"Leaflet" in response.read(2000)
     with urllib.request.urlopen(app.url + "/skymoe/static/map.css", timeout=30) as response:
         assert b".skymoe-map" in response.read()
+
+
+def test_chat_and_routing_on_a_selected_tile(app):
+    client = _client(app)
+    _load(client, app.scene)
+    with pytest.raises(AppError, match="Type a question"):
+        client.predict("  ", [], "1", api_name="/chat")
+    with pytest.raises(AppError, match="Tile 99 is not in the current grid"):
+        client.predict("Is there a car?", [], "99", api_name="/chat")
+    history, cleared, map_json = client.predict("Is there a car?", [], "1", api_name="/chat")
+    assert cleared == "" and history[-1]["role"] == "assistant"
+    content = history[-1]["content"]
+    text = content if isinstance(content, str) else " ".join(part.get("text", "") for part in content)
+    assert text.startswith("Tile 1: {<20><30><60><50>|0}")
+    state = json.loads(map_json)
+    assert state["selected"] == 1 and "Is there a car?" in state["answers"]["1"]["text"]
+    heatmaps, loads, note, map_json = client.predict("1", "count", api_name="/routing")
+    assert Path(heatmaps).is_file() and Path(loads).is_file()
+    assert note.startswith("Tile 1 ") and "8 experts" in note

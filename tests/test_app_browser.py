@@ -1,8 +1,8 @@
 """The map app in a real headless Chromium with the network blocked (only 127.0.0.1 reachable).
 
 Checks that Leaflet (served by the app itself) initialised, the raster overlay is on the map,
-a drawn rectangle comes back to Python as the AOI, and after a count run the result layer holds
-features. Screenshots go to /tmp/skymoe_app_*.png. Skipped where chromium/chromedriver are missing.
+a clicked grid tile and a drawn rectangle come back to Python, and after a count run the result
+layer holds features. Screenshots go to /tmp/skymoe_app_*.png. Skipped where chromium/chromedriver are missing.
 """
 
 from __future__ import annotations
@@ -50,6 +50,14 @@ def _draw_rectangle(driver) -> None:
         .move_by_offset(120, 80).release().perform()
 
 
+def _click_tile(driver) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    surface = driver.find_element(By.CSS_SELECTOR, ".skymoe-map")
+    ActionChains(driver).move_to_element_with_offset(surface, -120, 90).click().perform()
+
+
 def test_map_offline_overlay_aoi_and_results():
     app = shared_app()
     with offline_chromium() as driver:
@@ -60,6 +68,11 @@ def test_map_offline_overlay_aoi_and_results():
         assert driver.execute_script("return window.skymoeMap.map.hasLayer(window.skymoeMap.layers.overlay)")
         assert driver.execute_script("return window.skymoeMap.layers.grid.getLayers().length") == 6
         driver.save_screenshot("/tmp/skymoe_app_initial.png")
+
+        _click_tile(driver)
+        selected = wait_for(lambda: _textbox(driver, "Selected tile").get_attribute("value"), 30,
+                            what="clicked grid tile back in Python")
+        assert 0 <= int(selected) < 6
 
         _click_text(driver, "button", "Analyse")
         _draw_rectangle(driver)
