@@ -24,6 +24,7 @@ import re
 from collections.abc import Sequence
 
 __all__ = [
+    "JavaNotFoundError",
     "normalize_answer",
     "exact_match_accuracy",
     "box_iou",
@@ -35,6 +36,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BoxXYXY = tuple[float, float, float, float]
+
+class JavaNotFoundError(RuntimeError):
+    """pycocoevalcap's PTB tokenizer and METEOR need a Java runtime, and none is on PATH."""
+
 
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
@@ -149,7 +154,7 @@ def caption_scores(references: dict[str, Sequence[str]], hypotheses: dict[str, s
 
     Raises:
         ValueError: ids differ, or a sample has no reference.
-        RuntimeError: Java (needed by the PTB tokenizer and METEOR) is not installed.
+        JavaNotFoundError: Java (needed by the PTB tokenizer and METEOR) is not installed.
     """
     import shutil
 
@@ -161,7 +166,7 @@ def caption_scores(references: dict[str, Sequence[str]], hypotheses: dict[str, s
     if empty:
         raise ValueError(f"sample {empty[0]!r} has no reference caption")
     if shutil.which("java") is None:
-        raise RuntimeError("captioning metrics need Java (pycocoevalcap's PTB tokenizer and METEOR); "
+        raise JavaNotFoundError("captioning metrics need Java (pycocoevalcap's PTB tokenizer and METEOR); "
                            "install a JRE, e.g. apt-get install default-jre-headless")
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.meteor.meteor import Meteor

@@ -13,8 +13,8 @@ pass per sample over the image and the prompt (no answer, as at inference) insid
 - ``routing_summary.json``: the numbers behind the plots.
 
 :func:`plot_expert_heatmaps` and :func:`figure_png_bytes` depend only on numpy,
-matplotlib and PIL (no ``train`` or model import), so the app can reuse them once
-they live where the app may import from (see the module's report note).
+matplotlib and PIL (nothing from ``train`` or the model): the app, which may import
+only ``tiling`` and ``skymoe``, can use them once they move to ``skymoe`` unchanged.
 """
 
 from __future__ import annotations
