@@ -63,7 +63,8 @@ class SkyMoEConfig(LlavaConfig):
             initialisation), task ids passed as ``forward(task_ids=...)``.
         num_tasks: Rows of the per-task bias table (``len(skymoe.TASK_IDS)``).
         image_seq_length: Image tokens per image; derived from the vision config
-            (``(image_size // patch_size) ** 2``) when ``None``.
+            (``(image_size // patch_size) ** 2``, +1 with the ``"full"`` feature strategy) when
+            ``None``; a different explicit value is an error.
     """
 
     model_type = "skymoe"
@@ -97,9 +98,14 @@ class SkyMoEConfig(LlavaConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        grid_tokens = self.image_grid_size**2
+        grid_tokens = self.image_grid_size**2 + (1 if self.vision_feature_select_strategy == "full" else 0)
         if self.image_seq_length is None:
             self.image_seq_length = grid_tokens
+        if self.image_seq_length != grid_tokens:
+            raise SkyMoEConfigError(
+                f"image_seq_length={self.image_seq_length} but the vision tower gives {grid_tokens} image tokens "
+                f"({self.vision_config.image_size} px / {self.vision_config.patch_size} px patches); omit it to derive it"
+            )
         if self.moe_layers is None:
             num_layers = self.text_config.num_hidden_layers
             self.moe_layers = default_moe_layers(num_layers) if self.num_experts > 1 else []

@@ -127,7 +127,7 @@ def _moe_config(dense: object, num_experts: int, moe_layers: list[int] | None, t
     if num_experts < 2:
         raise ValueError(f"upcycle needs num_experts >= 2, got {num_experts}")
     fields = dense.to_dict()
-    for key in ("model_type", "architectures", "transformers_version"):
+    for key in ("model_type", "architectures", "transformers_version", "image_seq_length"):
         fields.pop(key, None)
     layers = default_moe_layers(dense.text_config.num_hidden_layers) if moe_layers is None else list(moe_layers)
     fields.update(num_experts=num_experts, num_experts_per_tok=top_k, moe_layers=layers, norm_topk_prob=True)

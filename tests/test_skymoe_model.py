@@ -41,6 +41,7 @@ def test_default_moe_layers_are_every_second_odd_layer():
         ({"moe_layers": [-1]}, r"moe_layers \[-1\] out of range"),
         ({"num_experts": 4, "num_experts_per_tok": 5}, r"num_experts_per_tok must lie in \[1, num_experts=4\]"),
         ({"num_experts": 1, "moe_layers": [1]}, r"needs num_experts >= 2"),
+        ({"image_seq_length": 576}, r"image_seq_length=576 but the vision tower gives 16 image tokens"),
     ],
 )
 def test_bad_moe_fields_raise_value_error(overrides, message):
