@@ -82,3 +82,19 @@ def test_stage_commands_report_config_errors(tmp_path, capsys):
     assert stage2_main([str(path), "--set", "moe.top_k=2"]) == 2
     err = capsys.readouterr().err
     assert err.count(f"error: {path}: loop.per_device_batch_size must be int, got str 'four'") == 2
+
+
+def test_dict_fields_are_checked(tmp_path):
+    from dataclasses import dataclass, field
+
+    from train.config import config_from_dict
+
+    @dataclass
+    class Quota:
+        turns: dict[str, int] = field(default_factory=dict)
+
+    assert config_from_dict(Quota, {"turns": {"VG": 2, "OC": 3}}).turns == {"VG": 2, "OC": 3}
+    with pytest.raises(ConfigError, match=r"x.yaml: turns.OC must be int, got str 'many'"):
+        config_from_dict(Quota, {"turns": {"OC": "many"}}, source="x.yaml")
+    with pytest.raises(ConfigError, match="turns must be a mapping"):
+        config_from_dict(Quota, {"turns": [1]}, source="x.yaml")

@@ -282,6 +282,11 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         if value not in args:
             raise ConfigError(f"{source}: {key} = {value!r} is not allowed; choose one of {list(args)}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {_describe(value)}")
+        return {_coerce(args[0], k, f"{key} (key {k!r})", source): _coerce(args[1], v, f"{key}.{k}", source)
+                for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {key} must be a list, got {_describe(value)}")
