@@ -68,6 +68,10 @@ def build_stage1_model(cfg: Stage1Config):
     """
     loaded = skymoe.load_model(cfg.model, quant="none", device="cpu")
     base_dtype = next(loaded.model.parameters()).dtype
+    size_px = loaded.model.config.vision_config.image_size
+    if size_px != 504:
+        logger.warning("%s takes %d px images; the paper trains at 504 px (convert with image_size=504)",
+                       cfg.model, size_px)
     torch.manual_seed(cfg.loop.seed)  # LoRA init
     return apply_lora(loaded.model.float(), cfg.lora), loaded.processor, base_dtype
 
