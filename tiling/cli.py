@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model folder (default {DEFAULT_MODEL})")
     run.add_argument("--quant", choices=("4bit", "8bit", "none"), default="4bit")
     run.add_argument("--device", default="auto")
+    run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 helps on a busy machine)")
     run.add_argument("--aoi", help="minx,miny,maxx,maxy[@CRS] (default lon/lat; @pixel for pixels) or a vector file")
     run.add_argument("--bands", help="preset (rgb, sentinel2, landsat8, naip, gray) or indexes like 4,3,2")
     run.add_argument("--stretch", default="2,98", help="low,high percentiles (default 2,98)")
@@ -91,6 +92,10 @@ def _load(args: argparse.Namespace) -> Any:
         )
     import skymoe
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     return skymoe.load_model(args.model, quant=args.quant, device=args.device)
 
 
