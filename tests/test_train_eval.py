@@ -108,7 +108,11 @@ def test_cli_refuses_a_folder_of_another_model(tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    (tmp_path / "d.jsonl").write_text("")
-    code = ev.main(["--model", str(other), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "m.json")])
+    data = write_instruction_jsonl(tmp_path, [("count", "ship", "2")])
+    code = ev.main(["--model", str(other), "--data", str(data), "--out", str(tmp_path / "m.json")])
     assert code == 2
     assert f"cannot evaluate {other}" in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("\n")
+    code = ev.main(["--model", str(other), "--data", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "m.json")])
+    assert code == 2
+    assert "empty.jsonl: the file is empty" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import skymoe
 from train.config import DataConfig, LoopConfig, LoraSettings, MoESettings, OptimConfig, Stage1Config, Stage2Config
 from train.stage1 import build_stage1_model, run_stage1
 from train.stage1 import main as stage1_main
+from train.stage2 import main as stage2_main
 from train.stage2 import run_stage2, trainable_mask
 
 
@@ -83,10 +84,14 @@ def test_stage2_upcycles_and_logs_aux_loss(tmp_path, dense_ckpt, data_jsonl):
     assert all((".experts." in n or ".router." in n) == on for n, on in mask.items())
 
 
-def test_stage_refuses_a_checkpoint_folder_of_another_model(tmp_path, data_jsonl):
+def test_stage_refuses_a_checkpoint_folder_of_another_model(tmp_path, data_jsonl, capsys):
     other = tmp_path / "bert"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 64}))
     cfg = Stage2Config(model=str(other), data=DataConfig(str(data_jsonl)), loop=_loop(tmp_path / "o"))
     with pytest.raises(skymoe.CheckpointError, match=str(other)):
         run_stage2(cfg)
+    config = tmp_path / "s2.yaml"
+    config.write_text(f"model: {other}\ndata: {{train_jsonl: {data_jsonl}}}\nloop: {{output_dir: {tmp_path / 'o'}}}\n")
+    assert stage2_main([str(config)]) == 2
+    assert f"error: {other}" in capsys.readouterr().err

@@ -37,7 +37,7 @@ from PIL import Image
 
 import skymoe
 from skymoe.prompts import build_prompt, render_conversation
-from train.dataset import InstructionRecord, read_instruction_jsonl
+from train.dataset import DataError, InstructionRecord, read_instruction_jsonl
 from train.metrics import box_iou, caption_scores, count_accuracy, exact_match_accuracy, grounding_accuracy
 
 __all__ = [
@@ -403,11 +403,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.synthetic:
         data = build_synthetic_benchmark(out.parent / f"synthetic-seed{args.seed}-n{args.n}", args.n, args.seed)
     try:
+        records, bad = read_instruction_jsonl(data)
         model, processor = skymoe.load_model(args.model, quant=args.quant, device=args.device)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except skymoe.CheckpointError as exc:
         print(f"error: cannot evaluate {args.model}: {exc}", file=sys.stderr)
         return 2
-    records, bad = read_instruction_jsonl(data)
     report = evaluate(model, processor, records, args.batch_size, args.max_new_tokens)
     result = {"model": str(args.model), "data": str(data), "skipped_lines": [b.line_no for b in bad]}
     result |= report.to_json()

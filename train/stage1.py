@@ -22,11 +22,11 @@ import torch
 
 import skymoe
 from train.config import ConfigError, LoraSettings, Stage1Config, config_to_dict, load_config
-from train.dataset import InstructionDataset, PaddingCollator
-from train.loop import TrainResult, atomic_directory, train
+from train.dataset import DataError, InstructionDataset, PaddingCollator
+from train.loop import CheckpointError, CheckpointWriteError, TrainResult, atomic_directory, train
 
 __all__ = ["lora_target_pattern", "apply_lora", "build_stage1_model", "run_training", "save_model_folder",
-           "run_stage1", "merge_lora", "main"]
+           "run_stage1", "merge_lora", "stage_cli", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +131,8 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``python -m train.stage1 CONFIG [--set K=V]`` or ``... merge --base --adapter --out``."""
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "merge":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         parser = argparse.ArgumentParser(prog="python -m train.stage1 merge", description=merge_lora.__doc__)
         parser.add_argument("--base", required=True, help="base (dense) model folder")
         parser.add_argument("--adapter", required=True, help="Stage I output_dir/adapter")
@@ -140,19 +140,32 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv[1:])
         print(merge_lora(args.base, args.adapter, args.out))
         return 0
-    parser = argparse.ArgumentParser(prog="python -m train.stage1", description="Stage I LoRA training")
-    parser.add_argument("config", help="YAML config (train/configs/stage1.yaml)")
+    return stage_cli(argv, "python -m train.stage1", "train/configs/stage1.yaml", Stage1Config, run_stage1, "Stage I")
+
+
+def stage_cli(argv: list[str], prog: str, example: str, config_cls: type, run, label: str) -> int:
+    """Shared CLI of both stages: ``CONFIG [--set KEY=VALUE ...]``; user errors print and return 2.
+
+    Args:
+        argv: command-line arguments.
+        prog, example: program name and an example config path for the help text.
+        config_cls: :class:`Stage1Config` or :class:`~train.config.Stage2Config`.
+        run: ``run_stage1`` / ``run_stage2``, called with the loaded config.
+        label: "Stage I" / "Stage II" for the final line.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=f"{label} training")
+    parser.add_argument("config", help=f"YAML config ({example})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config, Stage1Config, args.set)
-    except ConfigError as exc:
+        cfg = load_config(args.config, config_cls, args.set)
+        result = run(cfg)
+    except (ConfigError, DataError, skymoe.CheckpointError, CheckpointError, CheckpointWriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = run_stage1(cfg)
-    print(f"Stage I: {result.last_step}/{result.total_steps} steps; output in {cfg.loop.output_dir}")
+    print(f"{label}: {result.last_step}/{result.total_steps} steps; output in {cfg.loop.output_dir}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

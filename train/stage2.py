@@ -12,7 +12,6 @@ Which parameters train is ``moe.trainable`` (default ``"llm"``; the reason is in
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -20,9 +19,9 @@ from pathlib import Path
 import torch
 
 import skymoe
-from train.config import ConfigError, MoESettings, Stage2Config, load_config
+from train.config import MoESettings, Stage2Config
 from train.loop import TrainResult
-from train.stage1 import run_training, save_model_folder
+from train.stage1 import run_training, save_model_folder, stage_cli
 
 __all__ = ["TRAINABLE_CHOICES", "trainable_mask", "set_trainable", "build_stage2_model", "run_stage2", "main"]
 
@@ -118,19 +117,8 @@ def run_stage2(cfg: Stage2Config, stop_after: int | None = None) -> TrainResult:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``python -m train.stage2 CONFIG [--set KEY=VALUE ...]``."""
-    parser = argparse.ArgumentParser(prog="python -m train.stage2", description="Stage II MoE training")
-    parser.add_argument("config", help="YAML config (train/configs/stage2.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, Stage2Config, args.set)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    result = run_stage2(cfg)
-    print(f"Stage II: {result.last_step}/{result.total_steps} steps; output in {cfg.loop.output_dir}")
-    return 0
+    return stage_cli(sys.argv[1:] if argv is None else argv, "python -m train.stage2", "train/configs/stage2.yaml",
+                     Stage2Config, run_stage2, "Stage II")
 
 
 if __name__ == "__main__":
