@@ -230,7 +230,7 @@ def write_plots(routing: dict, out_dir: str | Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``python -m train.viz_router --model DIR --data JSONL --out DIR``."""
     from skymoe import CheckpointError, load_model
-    from train.dataset import read_instruction_jsonl
+    from train.dataset import DataError, read_instruction_jsonl
 
     parser = argparse.ArgumentParser(prog="python -m train.viz_router", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="SkyMoE checkpoint folder (a MoE model)")
@@ -242,14 +242,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        records, _ = read_instruction_jsonl(args.data)
         model, processor = load_model(args.model, quant=args.quant, device="auto")
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except CheckpointError as exc:
         print(f"error: cannot load {args.model}: {exc}", file=sys.stderr)
         return 2
     if not model.config.moe_layers:
         print(f"error: {args.model} is a dense model (no MoE layer); there is no routing to show", file=sys.stderr)
         return 2
-    records, _ = read_instruction_jsonl(args.data)
     for path in write_plots(collect_routing(model, processor, records, args.max_per_task, args.heatmap_samples),
                             args.out):
         print(path)
