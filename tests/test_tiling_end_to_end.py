@@ -16,8 +16,6 @@ from tiling.merge import box_valid_share
 
 MAX_NEW_TOKENS = 6
 
-pytestmark = pytest.mark.skipif(not hasattr(skymoe, "generate"), reason="skymoe.generate not committed yet")
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
