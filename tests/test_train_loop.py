@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from skymoe import SkyMoEForConditionalGeneration, tiny_config
 from train import loop as loop_mod
@@ -21,6 +22,7 @@ from train.loop import (
     CheckpointMismatchError,
     CheckpointWriteError,
     accumulation_steps,
+    atomic_directory,
     cosine_lr,
     epoch_batches,
     find_latest_checkpoint,
@@ -117,6 +119,10 @@ def test_loss_has_aux_term_and_resume_matches_uninterrupted_run(tmp_path, data):
     assert not list((tmp_path / "part" / "checkpoints").glob(".tmp-*"))
 
 
+# What safetensors raises when the disk fills up (seen on a 1 MB tmpfs): not an OSError.
+_ENOSPC = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
 def test_disk_full_leaves_no_partial_checkpoint(tmp_path, data, monkeypatch):
     real_save = loop_mod.save_file
     calls = {"n": 0}
@@ -126,7 +132,7 @@ def test_disk_full_leaves_no_partial_checkpoint(tmp_path, data, monkeypatch):
         if calls["n"] > 3:  # the first checkpoint (optimizer, rng, weights) succeeds, the second fails mid-way
             with open(filename, "wb") as fh:
                 fh.write(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device", filename)
+            raise SafetensorError(_ENOSPC)
         return real_save(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(loop_mod, "save_file", failing_save)
@@ -146,3 +152,19 @@ def test_resume_from_another_model_or_geometry_is_refused(tmp_path, data):
         train(_model(num_experts=1), data, PaddingCollator(PAD), _loop(tmp_path), OPTIM)
     with pytest.raises(CheckpointMismatchError, match="global_batch: checkpoint 2, now 4"):
         train(_model(), data, PaddingCollator(PAD), _loop(tmp_path, global_batch_size=4), OPTIM)
+
+
+def test_atomic_directory_removes_a_partial_folder(tmp_path):
+    final = tmp_path / "model"
+    with pytest.raises(CheckpointWriteError, match="no space left on device") as info:
+        with atomic_directory(final) as tmp:
+            (tmp / "config.json").write_text("{}")
+            raise SafetensorError(_ENOSPC)  # as from save_pretrained on a full disk
+    assert info.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(CheckpointWriteError, match="Permission denied"):
+        with atomic_directory(final):
+            raise PermissionError(errno.EACCES, "Permission denied")
+    with atomic_directory(final) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and (final / "config.json").is_file()

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from train.config import LoopConfig, OptimConfig
@@ -180,17 +182,19 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # save_pretrained writes through safetensors
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(exc.errno, _write_error_message(final, exc)) from exc
+        code = getattr(exc, "errno", None) or (errno.ENOSPC if "No space left" in str(exc) else errno.EIO)
+        raise CheckpointWriteError(code, _write_error_message(final, exc, code)) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _write_error_message(final: Path, exc: OSError) -> str:
+def _write_error_message(final: Path, exc: Exception, code: int | None = None) -> str:
     free_mb = shutil.disk_usage(final.parent).free / 2**20
-    reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    code = getattr(exc, "errno", None) if code is None else code
+    reason = "no space left on device" if code == errno.ENOSPC else (getattr(exc, "strerror", None) or str(exc))
     return (f"could not write {final} ({reason}; {free_mb:.0f} MB free on its disk). Nothing partial was kept "
             "and earlier checkpoints are intact; free space or point loop.output_dir elsewhere, then rerun "
             "(the run resumes from the newest checkpoint).")
@@ -240,10 +244,19 @@ def _unflatten(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``safetensors.torch.save_file``, its I/O failures (disk full, ...) raised as ``OSError``."""
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as exc:  # safetensors reports e.g. "I/O error: No space left on device (os error 28)"
+        code = re.search(r"os error (\d+)", str(exc))
+        raise OSError(int(code.group(1)) if code else errno.EIO, str(exc), str(path)) from exc
+
+
 def _save_nested(obj: Any, folder: Path, stem: str) -> None:
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(obj, "s", tensors)
-    save_file(tensors, str(folder / f"{stem}.safetensors"))
+    _save_tensors(tensors, folder / f"{stem}.safetensors")
     (folder / f"{stem}.json").write_text(json.dumps(skeleton))
 
 
@@ -327,7 +340,7 @@ def _save_checkpoint(accelerator, model, optimizer, output_dir: Path, step: int,
         _save_nested(_rng_state(), tmp, f"rng-rank{accelerator.process_index}")
         accelerator.wait_for_everyone()
         if main:
-            save_file(weights, str(tmp / "trainable.safetensors"))
+            _save_tensors(weights, tmp / "trainable.safetensors")
             state = {"step": step, "epoch": epoch, "geometry": asdict(geometry), "config": run_config,
                      "param_shapes": {k: list(v.shape) for k, v in weights.items()},
                      "history": [asdict(h) for h in history]}
