@@ -116,3 +116,14 @@ def test_cli_refuses_a_folder_of_another_model(tmp_path, capsys):
     code = ev.main(["--model", str(other), "--data", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "m.json")])
     assert code == 2
     assert "empty.jsonl: the file is empty" in capsys.readouterr().err
+
+
+def test_synthetic_benchmark_has_one_sample_per_task_per_scene(tmp_path):
+    from train.dataset import read_instruction_jsonl
+
+    path = ev.build_synthetic_benchmark(tmp_path / "bench", 5, seed=3)
+    records, bad = read_instruction_jsonl(path)  # images exist, lines valid
+    assert not bad and sorted(r.task for r in records) == sorted(skymoe.TASK_IDS)
+    assert len({r.image_path for r in records}) == 1
+    ground = next(r for r in records if r.task == "ground")
+    assert skymoe.parse_answer("ground", ground.answer, 504).boxes  # a parseable reference box
