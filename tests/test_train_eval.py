@@ -127,3 +127,28 @@ def test_synthetic_benchmark_has_one_sample_per_task_per_scene(tmp_path):
     assert len({r.image_path for r in records}) == 1
     ground = next(r for r in records if r.task == "ground")
     assert skymoe.parse_answer("ground", ground.answer, 504).boxes  # a parseable reference box
+
+
+def test_masking_test_zero_fills_k_objects_of_the_counted_class(tmp_path, tiny_moe, monkeypatch):
+    _, (model, processor) = tiny_moe
+    seen = {}
+    real_generate = skymoe.generate
+
+    def spy(model_, processor_, images, prompts, **kwargs):  # the real generate, recording its inputs
+        seen["images"], seen["prompts"] = images, prompts
+        return real_generate(model_, processor_, images, prompts, **kwargs)
+
+    monkeypatch.setattr(skymoe, "generate", spy)
+    result = ev.masking_test(model, processor, tmp_path, n_scenes=2, seed=5, batch_size=4)
+    rows = result["rows"]
+    assert rows and len(rows) == len(seen["images"]) == len(seen["prompts"])
+    for row, image, prompt in zip(rows, seen["images"], seen["prompts"]):
+        assert prompt == skymoe.build_prompt("count", row["label"])
+        assert 0 <= row["k"] <= min(3, row["n"] - 1)
+        zeros = int((image == 0).all(axis=-1).sum())
+        if row["k"] == 0:
+            base = zeros
+        else:
+            assert zeros > base  # each further masked object blacks out more pixels
+            base = zeros
+    assert "variants" in result["summary"]
