@@ -83,7 +83,7 @@ def _w(**weights: float) -> Mapping[str, float]:
 
 OBJECT_CLASSES: Mapping[str, ObjectClass] = MappingProxyType({c.name: c for c in (
     ObjectClass("car", "cars", (4.0, 5.2), (0.40, 0.44), 1.5,
-                _w(white=3, black=2, grey=3, red=2, blue=2, yellow=1, green=1), size_words=False),
+                _w(white=3, black=1, grey=3, red=2, blue=2, yellow=1, green=1), size_words=False),
     ObjectClass("truck", "trucks", (8.0, 16.0), (0.28, 0.32), 3.5,
                 _w(white=3, red=2, blue=2, yellow=1, green=1, orange=1)),
     ObjectClass("bus", "buses", (11.0, 14.0), (0.20, 0.22), 3.2,
