@@ -17,6 +17,7 @@ import logging
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,7 +42,7 @@ def lora_target_pattern(target_modules: list[str]) -> str:
     return rf".*language_model\..*\.({names})"
 
 
-def apply_lora(model: torch.nn.Module, lora: LoraSettings):
+def apply_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
     """Freeze ``model`` and wrap it with LoRA adapters on the LLM's target projections.
 
     Returns:
@@ -59,7 +60,7 @@ def apply_lora(model: torch.nn.Module, lora: LoraSettings):
     return peft_model
 
 
-def build_stage1_model(cfg: Stage1Config):
+def build_stage1_model(cfg: Stage1Config) -> tuple[torch.nn.Module, Any, torch.dtype]:
     """Load the base checkpoint in fp32 (master weights) and add the LoRA adapters.
 
     Returns:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -74,7 +75,7 @@ def set_trainable(model: torch.nn.Module, trainable: str) -> int:
     return count
 
 
-def build_stage2_model(cfg: Stage2Config):
+def build_stage2_model(cfg: Stage2Config) -> tuple[torch.nn.Module, Any, torch.dtype]:
     """Load the Stage I model (fp32), upcycle it and choose the trainable parameters.
 
     Returns:
