@@ -10,7 +10,7 @@ from shapely.geometry import box
 
 from tests.fixtures import make_rasters as mr
 from tiling import AOI, AOIError, ParameterError, make_grid, open_raster
-from tiling.windows import grid_windows
+from tiling.windows import axis_offsets, grid_windows
 
 
 def _coverage(width: int, height: int, tile: int, overlap: int) -> np.ndarray:
@@ -115,3 +115,16 @@ def test_aoi_as_geojson_lonlat(tmp_path):
     assert len(grid.tiles) == 1
     c0, r0, c1, r1 = grid.aoi_px.bounds
     assert abs(c0 - 1010) < 1 and abs(r1 - 590) < 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(length=st.integers(1, 5000), tile=st.integers(1, 600), data=st.data())
+def test_region_smaller_than_a_tile_gets_one_centred_tile_covering_it(length, tile, data):
+    start = data.draw(st.integers(0, length - 1))
+    stop = data.draw(st.integers(start + 1, min(length, start + tile)))
+    (off,) = axis_offsets(start, stop, length, tile, 0)
+    assert off <= start and off + tile >= stop  # covers the region
+    if length >= tile:
+        assert 0 <= off and off + tile <= length  # full tile inside the raster
+        room_left, room_right = start - off, off + tile - stop
+        assert abs(room_left - room_right) <= 1 or off in (0, length - tile)  # centred unless at an edge

@@ -4,7 +4,7 @@ Along one axis of ``length`` px, for a region ``[start, stop)`` and tile size
 ``t`` with ``overlap`` (stride ``s = t - overlap``)::
 
     n = stop - start
-    n <= t:  one offset, clamp(start, 0, max(length - t, 0))
+    n <= t:  one offset, centred: clamp((start + stop - t) // 2, 0, max(length - t, 0))
     n >  t:  start + i * s  for i in 0 .. ceil((n - t) / s) - 1,  then  stop - t
 
 The last tile is shifted back inside the raster, so every tile is exactly
@@ -127,8 +127,8 @@ def axis_offsets(start: int, stop: int, length: int, tile: int, overlap: int) ->
         Increasing offsets.
     """
     span = stop - start
-    if span <= tile:
-        return [max(0, min(start, length - tile))]
+    if span <= tile:  # one tile, centred on the region (context on both sides), kept inside the raster
+        return [max(0, min((start + stop - tile) // 2, length - tile))]
     stride = tile - overlap
     steps = math.ceil((span - tile) / stride)
     return [start + i * stride for i in range(steps)] + [stop - tile]
