@@ -97,11 +97,13 @@ def dashes(ground: np.ndarray, p0, p1, rgb, dash_px: int, thickness: int = 1) ->
 def _clutter(rng: np.random.Generator, ground: np.ndarray, gsd_m: float, n: int) -> None:
     """Small low-contrast non-target blobs (stains, bushes, debris) smaller than any object class."""
     h, w = ground.shape[:2]
+    local = cv2.resize(ground, (max(1, w // 16), max(1, h // 16)), interpolation=cv2.INTER_AREA)  # no line colours
     for _ in range(n):
         cx, cy = int(rng.integers(0, w)), int(rng.integers(0, h))
         ax, ay = (rng.uniform(0.3, 1.0, 2) / gsd_m).astype(int) + 1
         delta = rng.uniform(-22, 12)
-        col = tuple(float(c) for c in np.clip(ground[cy, cx] + delta, 0, 255))
+        ref = local[min(cy // 16, local.shape[0] - 1), min(cx // 16, local.shape[1] - 1)]
+        col = tuple(float(c) for c in np.clip(ref + delta, 0, 255))
         cv2.ellipse(ground, (cx, cy), (int(ax), int(ay)), float(rng.uniform(0, 180)), 0, 360, col, -1, cv2.LINE_AA)
 
 
