@@ -7,6 +7,7 @@ so count and ground produce features whose place on the map can be checked.
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,7 +19,8 @@ import rasterio
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from tests.app_harness import footprint_lonlat, shared_app
+from tests.app_harness import footprint_lonlat, make_scene, shared_app
+from tests.browser import wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -173,3 +175,29 @@ def test_chat_and_routing_on_a_selected_tile(app):
     heatmaps, loads, note, map_json = client.predict("1", "count", api_name="/routing")
     assert Path(heatmaps).is_file() and Path(loads).is_file()
     assert note.startswith("Tile 1 ") and "8 experts" in note
+
+
+def test_stop_cancels_a_run_and_keeps_the_partial_result(app):
+    big = make_scene(app.data_dir / "big_scene.tif", width=2000, height=1600)  # 20 tiles
+    client = _client(app)
+    _load(client, server_path=str(big))
+    job = client.submit("count", "small vehicle", 504, 64, 1, "Whole scene", "", api_name="/analyze")
+    wait_for(lambda: len(job.outputs()) >= 3, 120, what="two batches streamed")
+    job.cancel()  # what the Stop button's front end does: POST /cancel for the running event
+    status = client.predict(api_name="/stop")
+    assert status.startswith("**Stopped**: the partial result is kept"), status
+    streamed = json.loads(job.outputs()[-1][0])["results"]["features"]
+    first = json.loads(Path(client.predict("GeoJSON (EPSG:4326)", api_name="/export")).read_text())["features"]
+    assert 0 < len(first) < 20 and len(first) >= len(streamed)
+    time.sleep(3)  # a run that went on would keep adding detections to the session
+    later = json.loads(Path(client.predict("GeoJSON (EPSG:4326)", api_name="/export")).read_text())["features"]
+    assert len(later) == len(first)
+    state, _, _, status = _analyze(client, "count", "small vehicle", scope="Area of interest",
+                                   aoi=",".join(f"{v:.6f}" for v in _inner_box(footprint_lonlat(big))))
+    assert "Done" in status and state["results"]["features"]  # the app still runs
+
+
+def _inner_box(bounds: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    west, south, east, north = bounds
+    return (west + 0.2 * (east - west), south + 0.2 * (north - south),
+            west + 0.8 * (east - west), south + 0.8 * (north - south))
