@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,9 +107,9 @@ def test_demo_recipe_ran_both_stages_and_reports_them(demo_run):
     for phase in phases.values():
         assert phase["steps_done"] >= 1 and np.isfinite(phase["final_loss"])
         assert phase["quick_eval"] and {"classify", "vqa", "count"} <= set(phase["quick_eval"][-1])
-    moe_log = [json.loads(line) for line in (work / "runs" / "moe" / "log.jsonl").read_text().splitlines()]
+    moe_log = [json.loads(line) for line in (Path(summary["run_dir"]) / "moe" / "log.jsonl").read_text().splitlines()]
     assert all(rec["aux_loss"] > 0 for rec in moe_log)  # Stage II optimises LM + alpha * aux
-    dense_log = [json.loads(line) for line in (work / "runs" / "dense" / "log.jsonl").read_text().splitlines()]
+    dense_log = [json.loads(line) for line in (Path(summary["run_dir"]) / "dense" / "log.jsonl").read_text().splitlines()]
     assert all(rec["aux_loss"] == 0 for rec in dense_log)
     records, bad = read_instruction_jsonl(work / "moe.jsonl")
     assert not bad and all(len(r.turns) >= 2 for r in records)

@@ -494,21 +494,21 @@ def run_demo(cfg: DemoConfig, out_dir: Path, work_dir: Path) -> dict:
     budget_s = cfg.training.budget_minutes * 60
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
-    dense_jsonl, moe_jsonl = build_training_data(work_dir, cfg.data, cfg.seed)
-    val_path = build_synthetic_benchmark(work_dir / "val", cfg.data.val_scenes * 5, seed=cfg.seed + 1)
+    dense_jsonl, moe_jsonl, val_path = _cached_data(work_dir, cfg)
     val_records, _ = read_instruction_jsonl(val_path)
     tokenizer = skymoe.build_tokenizer(_conversation_texts(moe_jsonl), vocab_size=cfg.model.bpe_vocab)
     model, processor = build_demo_model(cfg.model, tokenizer, cfg.seed)
+    run_dir = Path(tempfile.mkdtemp(prefix="runs-", dir=work_dir))  # never resume another run's checkpoints
     logger.info("data and tokenizer ready after %.1f min", (time.monotonic() - start) / 60)
     reserve_s = 60.0 if budget_s > 600 else 0.1 * budget_s  # saving and the card
     left = budget_s - (time.monotonic() - start) - reserve_s
     dense = run_phase("dense", model, processor, dense_jsonl, val_records, cfg.training, cfg.training.dense_lr,
-                      left * cfg.training.dense_share, work_dir / "runs", cfg.seed)
+                      left * cfg.training.dense_share, run_dir, cfg.seed)
     model = skymoe.upcycle(model, cfg.model.num_experts, None, num_experts_per_tok=cfg.model.top_k)
     set_trainable(model, "all")
     left = budget_s - (time.monotonic() - start) - reserve_s
     moe = run_phase("moe", model, processor, moe_jsonl, val_records, cfg.training, cfg.training.moe_lr,
-                    left, work_dir / "runs", cfg.seed + 2)
+                    left, run_dir, cfg.seed + 2)
     params = sum(p.numel() for p in model.parameters())
     save_model_folder(model.eval(), processor, out_dir, torch.bfloat16)
     summary = {
@@ -516,12 +516,31 @@ def run_demo(cfg: DemoConfig, out_dir: Path, work_dir: Path) -> dict:
         "device": f"{torch.get_num_threads()} CPU threads" if not torch.cuda.is_available() else "CUDA",
         "vocab": len(tokenizer), "params": params, "moe_layers": model.config.moe_layers,
         "object_classes": _object_classes(),
-        "phases": [asdict(dense), asdict(moe)], "validation_seed": cfg.seed + 1,
+        "phases": [asdict(dense), asdict(moe)], "validation_seed": cfg.seed + 1, "run_dir": str(run_dir),
     }
     (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=1))
     (out_dir / "README.md").write_text(_summary_card(cfg, summary))
     logger.info("demo checkpoint written to %s after %.1f min", out_dir, summary["minutes"])
     return summary
+
+
+def _cached_data(work_dir: Path, cfg: DemoConfig) -> tuple[Path, Path, Path]:
+    """Training and validation data in ``work_dir``: reused when a previous run with the same data
+    settings and seed wrote it there (``data_stamp.json``), generated otherwise.
+
+    Returns:
+        ``(dense_jsonl, moe_jsonl, val_jsonl)``.
+    """
+    stamp = work_dir / "data_stamp.json"
+    wanted = {"seed": cfg.seed, "data": asdict(cfg.data)}
+    paths = (work_dir / "dense.jsonl", work_dir / "moe.jsonl", work_dir / "val" / "benchmark.jsonl")
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted and all(p.is_file() for p in paths):
+        logger.info("reusing the training data in %s (same data settings and seed)", work_dir)
+        return paths
+    dense_jsonl, moe_jsonl = build_training_data(work_dir, cfg.data, cfg.seed)
+    val_path = build_synthetic_benchmark(work_dir / "val", cfg.data.val_scenes * 5, seed=cfg.seed + 1)
+    stamp.write_text(json.dumps(wanted))
+    return dense_jsonl, moe_jsonl, val_path
 
 
 def _object_classes() -> list[str]:
@@ -537,7 +556,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo YAML (default: %(default)s)")
     parser.add_argument("--budget-minutes", type=float, default=None, help="wall-clock budget (overrides the config)")
     parser.add_argument("--seed", type=int, default=None, help="training seed (validation uses seed + 1)")
-    parser.add_argument("--work-dir", default=None, help="scenes, JSONL and loop checkpoints (default: a temp folder)")
+    parser.add_argument("--work-dir", default=None,
+                        help="scenes, JSONL and loop checkpoints (default: a temp folder); data generated there "
+                             "by an earlier run with the same data settings and seed is reused")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. data.scenes=100")
     return parser.parse_args(argv)
