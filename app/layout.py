@@ -113,83 +113,136 @@ def _results_tab() -> _ResultsTab:
     return _ResultsTab(counts, detections, answers, fmt, export, gr.File(label="Download", interactive=False))
 
 
+@dataclass
+class _Ui:
+    """Every component the wiring needs."""
+
+    session: gr.State
+    notice: gr.Markdown
+    the_map: gr.HTML
+    selected: gr.Textbox
+    raster: _RasterTab
+    analyse: _AnalyseTab
+    results: _ResultsTab
+    chatbot: gr.Chatbot
+    question: gr.Textbox
+    ask: gr.Button
+    routing_task: gr.Dropdown
+    show_routing: gr.Button
+    routing_note: gr.Markdown
+    heatmaps: gr.Image
+    loads: gr.Image
+    model_info: gr.Markdown
+    model_dir: gr.Textbox
+    quant: gr.Radio
+    device: gr.Radio
+    load_model: gr.Button
+    model_timer: gr.Timer
+
+
+def _chat_tab() -> tuple[gr.Chatbot, gr.Textbox, gr.Button]:
+    chatbot = gr.Chatbot(label="Questions about the selected tile", height=360)
+    gr.Markdown("Each question is answered from the selected tile's pixels alone; "
+                "the model does not see earlier turns.")
+    question = gr.Textbox(label="Question", placeholder="Is there a runway?")
+    return chatbot, question, gr.Button("Ask", variant="primary")
+
+
+def _routing_tab() -> tuple[gr.Dropdown, gr.Button, gr.Markdown, gr.Image, gr.Image]:
+    task = gr.Dropdown(list(tile_handlers.ROUTING_QUERIES), value="caption", label="Heatmaps for task")
+    show = gr.Button("Show routing on the selected tile", variant="primary")
+    note = gr.Markdown()
+    heatmaps = gr.Image(label="Per-expert heatmaps", type="pil", interactive=False)
+    loads = gr.Image(label="Expert load per task", type="pil", interactive=False)
+    return task, show, note, heatmaps, loads
+
+
+def _model_tab(settings: AppSettings) -> tuple[gr.Markdown, gr.Textbox, gr.Radio, gr.Radio, gr.Button]:
+    info = gr.Markdown()
+    model_dir = gr.Textbox(str(settings.model_dir or ""), label="Checkpoint folder")
+    with gr.Row():
+        quant = gr.Radio(["4bit", "8bit", "none"], value=settings.quant, label="Quantization")
+        device = gr.Radio(["auto", "cpu", "cuda"], value=settings.device, label="Device")
+    return info, model_dir, quant, device, gr.Button("Load model", variant="primary")
+
+
+def _layout(settings: AppSettings, initial: Session, initial_info: str) -> _Ui:
+    """The components, inside an open ``gr.Blocks``: the map left, the tabs right."""
+    session = gr.State(initial)
+    gr.Markdown("## SkyMoE Geo: ask a remote-sensing model about a GeoTIFF")
+    notice = gr.Markdown(elem_id="skymoe-notice")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            the_map = make_map(initial.map)
+        with gr.Column(scale=2, elem_id="skymoe-side"):
+            selected = gr.Textbox(label="Selected tile (click a grid tile on the map; used by Chat and Routing)",
+                                  placeholder="none: the first tile")
+            with gr.Tabs():
+                with gr.Tab("Raster"):
+                    raster = _raster_tab(settings, initial_info)
+                with gr.Tab("Analyse"):
+                    analyse = _analyse_tab()
+                with gr.Tab("Results"):
+                    results = _results_tab()
+                with gr.Tab("Chat"):
+                    chat = _chat_tab()
+                with gr.Tab("Routing"):
+                    routing = _routing_tab()
+                with gr.Tab("Model"):
+                    model = _model_tab(settings)
+    return _Ui(session, notice, the_map, selected, raster, analyse, results, *chat, *routing, *model,
+               model_timer=gr.Timer(1.5))
+
+
+def _wire_raster_and_map(ui: _Ui, settings: AppSettings, previews: PreviewStore) -> None:
+    rt, at = ui.raster, ui.analyse
+    rt.load.click(functools.partial(handlers.load_raster, settings=settings, previews=previews),
+                  [rt.upload, rt.server_path, rt.bands, rt.custom_bands, rt.stretch_low, rt.stretch_high,
+                   rt.pixel_mode, at.tile, at.overlap],
+                  [ui.session, ui.the_map, rt.info, ui.selected], api_name="load_raster", show_progress_on=[rt.info])
+    ui.the_map.aoi(handlers.on_aoi, [ui.session], [ui.session, at.aoi, at.scope], api_visibility="private",
+                   show_progress="hidden")
+    ui.the_map.tile_select(handlers.on_tile_select, [ui.session], [ui.session, ui.selected],
+                           api_visibility="private", show_progress="hidden")
+    ui.results.detections.select(handlers.select_result_row, [ui.session], [ui.session, ui.the_map],
+                                 api_visibility="private", show_progress="hidden")
+    ui.results.export.click(handlers.export_result, [ui.session, ui.results.fmt], [ui.results.file], api_name="export")
+
+
+def _wire_model_events(ui: _Ui, holder: ModelHolder) -> None:
+    at, res = ui.analyse, ui.results
+    run_event = at.run.click(
+        functools.partial(analysis.run_analysis, holder=holder),
+        [ui.session, at.task, at.query, at.tile, at.overlap, at.batch, at.scope, at.aoi],
+        [ui.session, ui.the_map, res.detections, res.counts, res.answers, at.status, ui.selected],
+        api_name="analyze", show_progress_on=[at.status], **MODEL_QUEUE)
+    at.stop.click(analysis.stopped_status, [ui.session], [at.status], cancels=[run_event], api_name="stop")
+    chat_inputs = [ui.session, ui.question, ui.chatbot, ui.selected]
+    chat_outputs = [ui.chatbot, ui.question, ui.session, ui.the_map]
+    chat_fn = functools.partial(tile_handlers.chat, holder=holder)
+    ui.ask.click(chat_fn, chat_inputs, chat_outputs, api_name="chat", show_progress_on=[ui.chatbot], **MODEL_QUEUE)
+    ui.question.submit(chat_fn, chat_inputs, chat_outputs, api_visibility="private", show_progress_on=[ui.chatbot],
+                       **MODEL_QUEUE)
+    ui.show_routing.click(functools.partial(tile_handlers.routing, holder=holder),
+                          [ui.session, ui.selected, ui.routing_task],
+                          [ui.heatmaps, ui.loads, ui.routing_note, ui.session, ui.the_map], api_name="routing",
+                          show_progress_on=[ui.routing_note], **MODEL_QUEUE)
+    ui.load_model.click(functools.partial(handlers.load_model, holder=holder), [ui.model_dir, ui.quant, ui.device],
+                        [ui.model_info], api_name="load_model", **MODEL_QUEUE).then(
+        functools.partial(_notice, holder), None, [ui.notice], api_visibility="private")
+
+
 def build_demo(settings: AppSettings, holder: ModelHolder, previews: PreviewStore,
                initial: Session, initial_info: str) -> gr.Blocks:
     """The app's Blocks for ``settings``, sharing ``holder``'s model and ``previews``."""
     with gr.Blocks(title="SkyMoE Geo") as demo:
-        session = gr.State(initial)
-        gr.Markdown("## SkyMoE Geo: ask a remote-sensing model about a GeoTIFF")
-        notice = gr.Markdown(elem_id="skymoe-notice")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=3):
-                the_map = make_map(initial.map)
-            with gr.Column(scale=2, elem_id="skymoe-side"):
-                selected = gr.Textbox(label="Selected tile (click a grid tile on the map; used by Chat and Routing)",
-                                      placeholder="none: the first tile")
-                with gr.Tabs():
-                    with gr.Tab("Raster"):
-                        rt = _raster_tab(settings, initial_info)
-                    with gr.Tab("Analyse"):
-                        at = _analyse_tab()
-                    with gr.Tab("Results"):
-                        res = _results_tab()
-                    with gr.Tab("Chat"):
-                        chatbot = gr.Chatbot(label="Questions about the selected tile", height=360)
-                        gr.Markdown("Each question is answered from the selected tile's pixels alone; "
-                                    "the model does not see earlier turns.")
-                        question = gr.Textbox(label="Question", placeholder="Is there a runway?")
-                        ask = gr.Button("Ask", variant="primary")
-                    with gr.Tab("Routing"):
-                        rtask = gr.Dropdown(list(tile_handlers.ROUTING_QUERIES), value="caption",
-                                            label="Heatmaps for task")
-                        show_routing = gr.Button("Show routing on the selected tile", variant="primary")
-                        routing_note = gr.Markdown()
-                        heatmaps = gr.Image(label="Per-expert heatmaps", type="pil", interactive=False)
-                        loads = gr.Image(label="Expert load per task", type="pil", interactive=False)
-                    with gr.Tab("Model"):
-                        model_info = gr.Markdown()
-                        model_dir = gr.Textbox(str(settings.model_dir or ""), label="Checkpoint folder")
-                        with gr.Row():
-                            quant = gr.Radio(["4bit", "8bit", "none"], value=settings.quant, label="Quantization")
-                            device = gr.Radio(["auto", "cpu", "cuda"], value=settings.device, label="Device")
-                        load_model = gr.Button("Load model", variant="primary")
-
-        model_timer = gr.Timer(1.5)
-
-        # Wiring.
+        ui = _layout(settings, initial, initial_info)
         refresh = functools.partial(_refresh_model, holder, settings.model_dir is not None)
-        demo.load(refresh, None, [notice, model_info, model_timer], api_visibility="private")
-        model_timer.tick(refresh, None, [notice, model_info, model_timer], api_visibility="private",
-                         show_progress="hidden")
-        rt.load.click(functools.partial(handlers.load_raster, settings=settings, previews=previews),
-                      [rt.upload, rt.server_path, rt.bands, rt.custom_bands, rt.stretch_low, rt.stretch_high,
-                       rt.pixel_mode, at.tile, at.overlap],
-                      [session, the_map, rt.info, selected], api_name="load_raster", show_progress_on=[rt.info])
-        the_map.aoi(handlers.on_aoi, [session], [session, at.aoi, at.scope], api_visibility="private",
-                    show_progress="hidden")
-        the_map.tile_select(handlers.on_tile_select, [session], [session, selected], api_visibility="private",
-                            show_progress="hidden")
-        run_event = at.run.click(
-            functools.partial(analysis.run_analysis, holder=holder),
-            [session, at.task, at.query, at.tile, at.overlap, at.batch, at.scope, at.aoi],
-            [session, the_map, res.detections, res.counts, res.answers, at.status, selected],
-            api_name="analyze", show_progress_on=[at.status], **MODEL_QUEUE)
-        at.stop.click(analysis.stopped_status, [session], [at.status], cancels=[run_event], api_name="stop")
-        res.detections.select(handlers.select_result_row, [session], [session, the_map], api_visibility="private",
-                              show_progress="hidden")
-        res.export.click(handlers.export_result, [session, res.fmt], [res.file], api_name="export")
-        chat_inputs = [session, question, chatbot, selected]
-        chat_outputs = [chatbot, question, session, the_map]
-        chat_fn = functools.partial(tile_handlers.chat, holder=holder)
-        ask.click(chat_fn, chat_inputs, chat_outputs, api_name="chat", show_progress_on=[chatbot], **MODEL_QUEUE)
-        question.submit(chat_fn, chat_inputs, chat_outputs, api_visibility="private", show_progress_on=[chatbot],
-                        **MODEL_QUEUE)
-        show_routing.click(functools.partial(tile_handlers.routing, holder=holder), [session, selected, rtask],
-                           [heatmaps, loads, routing_note, session, the_map], api_name="routing",
-                           show_progress_on=[routing_note], **MODEL_QUEUE)
-        load_model.click(functools.partial(handlers.load_model, holder=holder), [model_dir, quant, device],
-                         [model_info], api_name="load_model", **MODEL_QUEUE).then(
-            functools.partial(_notice, holder), None, [notice], api_visibility="private")
+        status_outputs = [ui.notice, ui.model_info, ui.model_timer]
+        demo.load(refresh, None, status_outputs, api_visibility="private")
+        ui.model_timer.tick(refresh, None, status_outputs, api_visibility="private", show_progress="hidden")
+        _wire_raster_and_map(ui, settings, previews)
+        _wire_model_events(ui, holder)
     return demo
 
 
