@@ -3,13 +3,26 @@
 Prompts are rendered as Vicuna-v1 conversations, padded on the LEFT with an attention mask,
 and decoded greedily by default. Confidence is ``exp(mean log p)`` of the generated tokens
 under the model's raw (unprocessed) logits, up to and including the end-of-sequence token.
+
+Two paths give the same greedy tokens (tests/test_fast_inference.py):
+
+* **plain**: the per-expert MoE loop (``"loop"``) and transformers' dynamic KV cache;
+* **fast** (default): expert weights fused into stacked views (:func:`skymoe.moe.fuse_experts`)
+  and the MoE block's ``"auto"`` choice (sorted-by-expert ``torch._grouped_mm``, no host
+  synchronisation; per-expert loop for quantized experts, dense-masked on CUDA when decoding);
+  on CUDA also a static KV cache, which makes transformers compile each decoding step
+  (``torch.compile``, CUDA graphs) when the model is not bitsandbytes-quantized.
+
+Choose per call (``generate(..., fast=False)``) or per model (:func:`set_fast_inference`),
+e.g. to compare both through code that calls :func:`generate` for you (``tiling.analyze``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,10 +30,21 @@ import torch
 from PIL import Image
 
 from .modeling import SkyMoEForConditionalGeneration
+from .moe import fuse_experts, moe_implementation
 from .processing import SkyMoEProcessor
 from .prompts import TASK_IDS, render_conversation, task_of_prompt
 
-__all__ = ["Generation", "generate", "task_ids_for_prompts"]
+__all__ = [
+    "Generation",
+    "generate",
+    "task_ids_for_prompts",
+    "set_fast_inference",
+    "fast_inference_enabled",
+    "inference_path",
+    "generations_from_scores",
+]
+
+_FAST_ATTRIBUTE = "_skymoe_fast_inference"
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +70,32 @@ def task_ids_for_prompts(prompts: Sequence[str]) -> torch.Tensor:
     return torch.tensor([TASK_IDS.index(t) if t in TASK_IDS else -1 for t in tasks], dtype=torch.long)
 
 
+def set_fast_inference(model: SkyMoEForConditionalGeneration, enabled: bool) -> None:
+    """Choose the path :func:`generate` (and :class:`skymoe.prefix.TilePrefix`) take for ``model`` when called
+    with ``fast=None``; the default is the fast path."""
+    setattr(model, _FAST_ATTRIBUTE, bool(enabled))
+
+
+def fast_inference_enabled(model: SkyMoEForConditionalGeneration) -> bool:
+    """Whether ``fast=None`` means the fast path for ``model`` (see :func:`set_fast_inference`)."""
+    return bool(getattr(model, _FAST_ATTRIBUTE, True))
+
+
+@contextmanager
+def inference_path(model: SkyMoEForConditionalGeneration, fast: bool | None) -> Iterator[bool]:
+    """Run the body on the fast or the plain path (module docstring); yields the resolved ``fast``.
+
+    Fast: fuses the expert weights (memory-neutral, idempotent) and sets every MoE block to
+    ``"auto"``; plain: sets them to ``"loop"``. Each block's own setting is restored on exit.
+    """
+    fast = fast_inference_enabled(model) if fast is None else bool(fast)
+    if fast:
+        fused = fuse_experts(model)
+        logger.debug("fast inference: %d MoE blocks fused", fused)
+    with moe_implementation(model, "auto" if fast else "loop"):
+        yield fast
+
+
 def generate(
     model: SkyMoEForConditionalGeneration,
     processor: SkyMoEProcessor,
@@ -54,6 +104,8 @@ def generate(
     max_new_tokens: int = 64,
     do_sample: bool = False,
     batch_size: int | None = None,
+    *,
+    fast: bool | None = None,
 ) -> list[Generation]:
     """Answer one prompt per image, in batches.
 
@@ -66,6 +118,8 @@ def generate(
         max_new_tokens: Generation budget per answer (>= 1).
         do_sample: Sample instead of greedy decoding.
         batch_size: Prompts per forward batch; ``None`` = all at once.
+        fast: Fast (True) or plain (False) path (module docstring); ``None`` = the model's
+            setting (:func:`set_fast_inference`, fast by default).
 
     Returns:
         One :class:`Generation` per prompt, in order.
@@ -84,7 +138,7 @@ def generate(
     for start in range(0, len(prompts), step):
         chunk = slice(start, start + step)
         batch = _generate_batch(
-            model, processor, list(images[chunk]), list(prompts[chunk]), max_new_tokens, do_sample
+            model, processor, list(images[chunk]), list(prompts[chunk]), max_new_tokens, do_sample, fast
         )
         results.extend(batch)
     return results
@@ -98,25 +152,44 @@ def _generate_batch(
     prompts: list[str],
     max_new_tokens: int,
     do_sample: bool,
+    fast: bool | None,
 ) -> list[Generation]:
     """One left-padded ``model.generate`` call and its per-row confidences."""
     tokenizer = processor.tokenizer
     texts = [render_conversation([(prompt, None)]) for prompt in prompts]
     inputs = processor(images=images, text=texts, padding=True, padding_side="left", return_tensors="pt").to(model.device)
     extra = {"task_ids": task_ids_for_prompts(prompts).to(model.device)} if model.config.router_mode == "task" else {}
-    out = model.generate(
-        **inputs,
-        **extra,
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
+    with inference_path(model, fast) as fast:
+        if fast and model.device.type == "cuda":
+            extra["cache_implementation"] = "static"  # transformers compiles the decoding step (CUDA graphs)
+        out = model.generate(
+            **inputs,
+            **extra,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]  # (batch, steps)
-    logits = torch.stack(out.logits, dim=1).float()  # (batch, steps, vocab)
-    token_logprob = logits.log_softmax(-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)  # (batch, steps)
+    return generations_from_scores(tokenizer, new_tokens, out.logits)
+
+
+def generations_from_scores(tokenizer, new_tokens: torch.Tensor, logits: Sequence[torch.Tensor]) -> list[Generation]:
+    """Texts and confidences of generated rows.
+
+    Args:
+        tokenizer: The processor's tokenizer (``eos_token_id``, ``decode``).
+        new_tokens: ``(batch, steps)`` generated ids (after the prompt).
+        logits: One raw ``(batch, vocab)`` logits tensor per step (``output_logits=True``).
+
+    Returns:
+        One :class:`Generation` per row: text up to the first EOS, mean log-probability of the
+        tokens up to and including it.
+    """
+    stacked = torch.stack(list(logits), dim=1).float()  # (batch, steps, vocab)
+    token_logprob = stacked.log_softmax(-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)  # (batch, steps)
     keep = _until_first_eos(new_tokens, tokenizer.eos_token_id)  # (batch, steps) bool
     generations = []
     for row in range(new_tokens.shape[0]):

@@ -23,6 +23,12 @@ __all__ = [
     "SkyMoERouter",
     "SkyMoETaskBias",
     "SkyMoESparseBlock",
+    "FusedExperts",
+    "MOE_IMPLEMENTATIONS",
+    "MASKED_MAX_TOKENS",
+    "fuse_experts",
+    "set_moe_implementation",
+    "moe_implementation",
     "load_balancing_loss",
     "record_router_outputs",
 ]
@@ -92,13 +98,51 @@ class SkyMoERouter(nn.Module):
         return RouterOutput(logits=logits, probs=probs, top_k_weights=top_k_probs, top_k_index=top_k_index)
 
 
+#: MoE block implementations (:attr:`SkyMoESparseBlock.implementation`).
+MOE_IMPLEMENTATIONS = ("auto", "loop", "masked", "grouped")
+
+#: ``"auto"`` uses the dense-masked formulation on CUDA up to this many tokens (decoding) when
+#: the experts cannot be stacked (quantized or LoRA-wrapped experts).
+MASKED_MAX_TOKENS = 64
+
+
+@dataclass
+class FusedExperts:
+    """Stacked expert weights that the experts' own ``nn.Linear`` weights are views of.
+
+    Attributes:
+        gate_up: ``(E, 2 * intermediate, hidden)``: rows ``[:I]`` are ``gate_proj``, ``[I:]`` ``up_proj``.
+        down: ``(E, hidden, intermediate)``: ``down_proj``.
+        pointers: The ``data_ptr()`` of every expert weight at fusion time (``3 * E``), to detect
+            weights that were later replaced or moved (``.to()``, ``load_state_dict(assign=True)``).
+    """
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    pointers: tuple[int, ...]
+
+
 class SkyMoESparseBlock(nn.Module):
     """Top-k mixture of Llama FFN experts replacing a decoder layer's MLP (paper eq. 4).
 
     Experts are an ``nn.ModuleList`` of :class:`~transformers.models.llama.modeling_llama.LlamaMLP`
     (three ``nn.Linear`` each), so bitsandbytes and peft LoRA apply to them as to any Linear.
-    Tokens are grouped per expert and only the selected experts run on only their tokens;
-    an expert that received no token does not run. No token is dropped, no noise is added.
+    No token is dropped, no noise is added. Four implementations of the same function
+    (:attr:`implementation`, set with :func:`set_moe_implementation`):
+
+    * ``"loop"``: tokens grouped per expert, each selected expert runs once on its own tokens
+      (one host synchronisation per layer for the group sizes); works for any expert Linear
+      and for training. The reference ("plain") path.
+    * ``"masked"``: every expert runs on every token and a dense ``(tokens, E)`` weight
+      matrix (zero for unselected experts) mixes them: no host synchronisation, E/k times the
+      FLOPs; works for quantized / LoRA experts. Meant for a few tokens (decoding).
+    * ``"grouped"``: tokens sorted by expert, one ``torch._grouped_mm`` per projection over the
+      stacked weights with device-side group offsets: no host synchronisation, only the
+      selected experts' weights are read. Needs :meth:`fuse_experts` (plain ``nn.Linear``
+      experts without bias) and runs only without autograd.
+    * ``"auto"`` (default): ``grouped`` when the experts are fused and autograd is off;
+      else ``masked`` on CUDA for at most :data:`MASKED_MAX_TOKENS` tokens without autograd
+      (quantized experts decoding); else ``loop``.
     """
 
     def __init__(self, config: SkyMoEConfig, layer_idx: int | None = None):
@@ -107,6 +151,8 @@ class SkyMoESparseBlock(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.router = SkyMoERouter(config, layer_idx)
         self.experts = nn.ModuleList([LlamaMLP(config.text_config) for _ in range(config.num_experts)])
+        self.implementation = "auto"
+        self._fused: FusedExperts | None = None
 
     def forward(self, hidden_states: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Mix the top-k experts per token.
@@ -124,7 +170,26 @@ class SkyMoESparseBlock(nn.Module):
         routing = self.router(flat, task_index)
         return self._mix_experts(flat, routing).reshape(B, T, D)
 
+    def resolved_implementation(self, num_tokens: int, device: torch.device) -> str:
+        """The implementation :meth:`forward` uses for ``num_tokens`` tokens on ``device`` (resolves ``"auto"``)."""
+        grad = torch.is_grad_enabled()
+        if self.implementation == "grouped" or (self.implementation == "auto" and not grad and self.is_fused()):
+            return "grouped"
+        if self.implementation == "auto":
+            small_cuda = device.type == "cuda" and num_tokens <= MASKED_MAX_TOKENS
+            return "masked" if small_cuda and not grad else "loop"
+        return self.implementation
+
     def _mix_experts(self, flat: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        """Dispatch to the implementation (see the class docstring); ``(tokens, D)`` -> ``(tokens, D)``."""
+        implementation = self.resolved_implementation(flat.shape[0], flat.device)
+        if implementation == "grouped":
+            return self._mix_grouped(flat, routing)
+        if implementation == "masked":
+            return self._mix_masked(flat, routing)
+        return self._mix_loop(flat, routing)
+
+    def _mix_loop(self, flat: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         """Run each selected expert once on its own tokens and scatter-add the weighted outputs.
 
         Args:
@@ -148,6 +213,151 @@ class SkyMoESparseBlock(nn.Module):
             expert_out = expert(flat.index_select(0, token_idx))  # (n_e, D)
             output.index_add_(0, token_idx, (expert_out * weights.unsqueeze(-1)).to(flat.dtype))
         return output
+
+    def _mix_masked(self, flat: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        """Every expert on every token, mixed by a dense ``(tokens, E)`` weight matrix (no host sync).
+
+        Experts are summed in ascending id order into a zero tensor of the input dtype, like
+        :meth:`_mix_loop`, and unselected experts add an exact zero.
+        """
+        dense = torch.zeros(flat.shape[0], len(self.experts), dtype=routing.top_k_weights.dtype, device=flat.device)
+        dense.scatter_(1, routing.top_k_index, routing.top_k_weights)  # (tokens, E) float32
+        output = torch.zeros_like(flat)
+        for index, expert in enumerate(self.experts):
+            output += (expert(flat) * dense[:, index : index + 1]).to(flat.dtype)
+        return output
+
+    def _mix_grouped(self, flat: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        """Tokens sorted by expert, ``torch._grouped_mm`` over the stacked weights (no host sync).
+
+        Raises:
+            RuntimeError: If the experts are not fused (call :meth:`fuse_experts` first).
+        """
+        fused = self._fused
+        if fused is None or not self.is_fused():
+            raise RuntimeError(
+                f"MoE layer {self.layer_idx}: implementation 'grouped' needs fused experts; call "
+                "skymoe.moe.fuse_experts(model) after loading/moving the model, or use 'loop'"
+            )
+        num_experts, intermediate = fused.gate_up.shape[0], fused.down.shape[2]
+        expert_of_slot = routing.top_k_index.reshape(-1)  # (tokens * k,)
+        order = torch.argsort(expert_of_slot, stable=True)  # slots grouped by expert
+        token_of_slot = order // self.top_k  # (tokens * k,)
+        weight_of_slot = routing.top_k_weights.reshape(-1)[order]  # (tokens * k,)
+        counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+        counts.scatter_add_(0, expert_of_slot, torch.ones_like(expert_of_slot, dtype=torch.int32))
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # (E,) end row of each expert's group
+        x = flat.index_select(0, token_of_slot)  # (tokens * k, D) sorted by expert
+        gate_up = torch._grouped_mm(x, fused.gate_up.transpose(-2, -1), offs=offsets)  # (tokens * k, 2I)
+        hidden = self.experts[0].act_fn(gate_up[:, :intermediate]) * gate_up[:, intermediate:]  # (tokens * k, I)
+        expert_out = torch._grouped_mm(hidden, fused.down.transpose(-2, -1), offs=offsets)  # (tokens * k, D)
+        output = torch.zeros_like(flat)
+        output.index_add_(0, token_of_slot, (expert_out * weight_of_slot.unsqueeze(-1)).to(flat.dtype))
+        return output
+
+    def _apply(self, fn, recurse: bool = True):
+        """Drop the stacks before ``.to()`` / ``.half()`` / ... convert the weights (they stop being views)."""
+        self._fused = None
+        return super()._apply(fn, recurse)
+
+    def _expert_linears(self) -> list[nn.Module]:
+        """``[gate_0, up_0, down_0, gate_1, ...]``, the 3 * E projection modules."""
+        return [lin for e in self.experts for lin in (e.gate_proj, e.up_proj, e.down_proj)]
+
+    def can_fuse(self) -> bool:
+        """True when every expert projection is a plain, bias-free ``nn.Linear`` on one device and dtype.
+
+        Quantized (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``), LoRA-wrapped, offloaded
+        (accelerate hooks) or meta experts cannot be stacked: they keep the ``loop`` / ``masked`` paths.
+        """
+        linears = self._expert_linears()
+        if not all(type(lin) is nn.Linear and lin.bias is None and not hasattr(lin, "_hf_hook") for lin in linears):
+            return False
+        weights = [lin.weight for lin in linears]
+        first = weights[0]
+        return first.device.type != "meta" and all(w.device == first.device and w.dtype == first.dtype for w in weights)
+
+    def is_fused(self) -> bool:
+        """True while the experts' weights are still the views made by :meth:`fuse_experts`."""
+        if self._fused is None:
+            return False
+        if torch.compiler.is_compiling():
+            return True  # checked by fuse_experts before compiling; data_ptr() cannot be traced
+        return tuple(lin.weight.data_ptr() for lin in self._expert_linears()) == self._fused.pointers
+
+    @torch.no_grad()
+    def fuse_experts(self) -> bool:
+        """Stack the expert weights and make each expert ``nn.Linear`` weight a view of the stack.
+
+        Memory-neutral after the call (the old per-expert tensors are released); values, module
+        types, ``Parameter`` objects and ``state_dict`` keys are unchanged. Idempotent. Must be repeated after the
+        weights are replaced or moved (``.to()``): :meth:`is_fused` then reads False and
+        ``"auto"`` falls back to the other paths until it is.
+
+        Returns:
+            True when the experts are fused, False when they cannot be (see :meth:`can_fuse`).
+        """
+        if self.is_fused():
+            return True
+        self._fused = None
+        if not self.can_fuse():
+            return False
+        intermediate = self.experts[0].gate_proj.out_features
+        gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])  # (E, 2I, D)
+        down = torch.stack([e.down_proj.weight for e in self.experts])  # (E, D, I)
+        for index, expert in enumerate(self.experts):
+            for lin, view in ((expert.gate_proj, gate_up[index, :intermediate]),
+                              (expert.up_proj, gate_up[index, intermediate:]), (expert.down_proj, down[index])):
+                lin.weight.data = view  # same Parameter object: optimizers and hooks keep their references
+        pointers = tuple(lin.weight.data_ptr() for lin in self._expert_linears())
+        self._fused = FusedExperts(gate_up=gate_up, down=down, pointers=pointers)
+        return True
+
+
+def fuse_experts(model: nn.Module) -> int:
+    """:meth:`SkyMoESparseBlock.fuse_experts` on every MoE block of ``model``.
+
+    Args:
+        model: Any module containing SkyMoE blocks.
+
+    Returns:
+        The number of blocks that are fused (blocks with quantized / LoRA experts are skipped).
+    """
+    return sum(block.fuse_experts() for block in model.modules() if isinstance(block, SkyMoESparseBlock))
+
+
+def set_moe_implementation(model: nn.Module, implementation: str) -> None:
+    """Set :attr:`SkyMoESparseBlock.implementation` on every MoE block of ``model``.
+
+    Args:
+        model: Any module containing SkyMoE blocks.
+        implementation: One of :data:`MOE_IMPLEMENTATIONS`.
+
+    Raises:
+        ValueError: Unknown implementation.
+    """
+    if implementation not in MOE_IMPLEMENTATIONS:
+        raise ValueError(f"unknown MoE implementation {implementation!r}; choose one of {MOE_IMPLEMENTATIONS}")
+    for block in model.modules():
+        if isinstance(block, SkyMoESparseBlock):
+            block.implementation = implementation
+
+
+@contextmanager
+def moe_implementation(model: nn.Module, implementation: str) -> Iterator[None]:
+    """Use ``implementation`` in every MoE block of ``model`` inside the context, then restore each block's own.
+
+    Not thread-safe: concurrent calls on one model with different implementations interfere
+    (results stay correct, only the path taken changes).
+    """
+    blocks = [b for b in model.modules() if isinstance(b, SkyMoESparseBlock)]
+    previous = [b.implementation for b in blocks]
+    set_moe_implementation(model, implementation)
+    try:
+        yield
+    finally:
+        for block, impl in zip(blocks, previous, strict=True):
+            block.implementation = impl
 
 
 def load_balancing_loss(

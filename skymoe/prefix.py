@@ -1,0 +1,226 @@
+"""Image-prefix reuse: encode a tile once, answer many questions about it.
+
+Every SkyMoE prompt starts with the same tokens for a given tile: the system line,
+``USER: `` and the image tokens (1296 at 504 px). :class:`TilePrefix` runs the vision tower and
+the language model over that prefix once, keeps its KV cache, and answers each further
+question by prefilling only the text after the image (``"\\n{question} ASSISTANT:"``, or the
+previous turns of a chat followed by the new question) and decoding. The tokens are the
+same as a fresh :func:`skymoe.generate` on the whole prompt (tests/test_fast_inference.py).
+
+Several tiles can share one :class:`TilePrefix` (a batch of tiles, one KV row each), and
+several questions can be asked of one tile at once (its KV row is repeated). Rows whose text
+after the prefix differs in length are padded between the prefix and the text (the
+attention mask hides the padding; positions follow the mask), so every row sees exactly
+the positions and keys of its own unpadded prompt.
+
+With ``router_mode="task"`` the router adds a per-task bias to every token, image tokens
+included, so the prefix is encoded once per task (lazily, on the first question of that task).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.cache_utils import DynamicCache
+
+from .generation import Generation, generations_from_scores, inference_path, task_ids_for_prompts
+from .modeling import SkyMoEForConditionalGeneration
+from .processing import SkyMoEProcessor
+from .prompts import IMAGE_TOKEN, render_conversation
+
+__all__ = ["TilePrefix"]
+
+logger = logging.getLogger(__name__)
+
+#: One ``(keys, values)`` pair per decoder layer, each ``(tiles, kv_heads, prefix_len, head_dim)``.
+LayerKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+class TilePrefix:
+    """The encoded image prefix of one or more tiles, reusable for any number of questions.
+
+    Example (chat on one tile, counting several classes on a batch of tiles)::
+
+        prefix = TilePrefix(model, processor, [tile])
+        first = prefix.ask(build_prompt("caption"))[0]
+        second = prefix.ask("Is there a runway?", history=[(build_prompt("caption"), first.text)])[0]
+
+        prefix = TilePrefix(model, processor, tiles)  # 8 tiles
+        per_class = {c: prefix.ask(build_prompt("count", c)) for c in ("ship", "storage tank")}
+
+    Not thread-safe (like the model itself).
+
+    Attributes:
+        model: The SkyMoE.
+        processor: Its processor.
+        num_tiles: Tiles in the prefix.
+        prefix_ids: ``(prefix_len,)`` int64 token ids of the prefix (BOS, system, ``USER: ``, image tokens).
+        fast: Fast or plain path (see :mod:`skymoe.generation`), ``None`` = the model's setting.
+    """
+
+    def __init__(
+        self,
+        model: SkyMoEForConditionalGeneration,
+        processor: SkyMoEProcessor,
+        images: Sequence[Image.Image | np.ndarray],
+        *,
+        fast: bool | None = None,
+    ):
+        """Preprocess the tiles (the language-model work happens on the first question).
+
+        Args:
+            model: A SkyMoE in eval mode.
+            processor: Its processor.
+            images: One or more tiles (RGB PIL images or uint8 ``(H, W, 3)`` arrays).
+            fast: Fast or plain path; ``None`` = :func:`skymoe.generation.fast_inference_enabled`.
+
+        Raises:
+            ValueError: No image, or a tokenizer that merges the image tokens with their neighbours.
+        """
+        if isinstance(images, (Image.Image, np.ndarray)) or len(images) == 0:
+            raise ValueError("TilePrefix needs a non-empty list of tiles (PIL images or uint8 arrays)")
+        self.model, self.processor, self.fast = model, processor, fast
+        self.num_tiles = len(images)
+        text = render_conversation([("", None)])  # system, "USER: <image>\n ASSISTANT:"
+        inputs = processor(images=list(images), text=[text] * self.num_tiles, return_tensors="pt")
+        ids = inputs["input_ids"][0]  # (len,)
+        image_positions = torch.nonzero(ids == model.config.image_token_index).flatten()
+        if image_positions.numel() == 0:
+            raise ValueError(f"the processor produced no image token (id {model.config.image_token_index})")
+        self.num_image_tokens = int(image_positions.numel())
+        self.prefix_ids = ids[: int(image_positions[-1]) + 1].clone()  # up to the last image token
+        self._pixel_values = inputs["pixel_values"].to(model.device)
+        self._kv: dict[int, LayerKV] = {}  # task id (-1 = none) -> prefix KV of every tile
+
+    @property
+    def prefix_length(self) -> int:
+        """Tokens in the prefix (BOS + system + ``USER: `` + image tokens)."""
+        return int(self.prefix_ids.numel())
+
+    def ask(
+        self,
+        prompts: str | Sequence[str],
+        history: Sequence[tuple[str, str]] = (),
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+    ) -> list[Generation]:
+        """Answer questions about the prefix's tiles, prefilling only the text after the image.
+
+        Args:
+            prompts: A user message (as from :func:`skymoe.build_prompt`) asked of every tile;
+                or one message per tile; or, for a one-tile prefix, any number of messages
+                asked of that tile (one batched decode).
+            history: Earlier ``(user, assistant)`` turns of the chat (the same for every row);
+                they are part of the text after the prefix.
+            max_new_tokens: Generation budget per answer (>= 1).
+            do_sample: Sample instead of greedy decoding.
+
+        Returns:
+            One :class:`Generation` per row (per tile, or per message for a one-tile prefix).
+
+        Raises:
+            ValueError: A prompt count that matches neither the tiles nor a one-tile prefix,
+                or a bad ``max_new_tokens``.
+        """
+        prompts, tile_of_row = self._rows(prompts)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        texts = [render_conversation([*history, (prompt, None)]) for prompt in prompts]
+        input_ids, attention_mask = self._row_inputs(texts)
+        task_ids = task_ids_for_prompts(prompts)  # (rows,)
+        return self._decode(input_ids, attention_mask, task_ids, tile_of_row, max_new_tokens, do_sample)
+
+    def _rows(self, prompts: str | Sequence[str]) -> tuple[list[str], list[int]]:
+        """The row prompts and the tile of each row."""
+        if isinstance(prompts, str):
+            return [prompts] * self.num_tiles, list(range(self.num_tiles))
+        prompts = list(prompts)
+        if self.num_tiles == 1 and prompts:
+            return prompts, [0] * len(prompts)
+        if len(prompts) != self.num_tiles:
+            raise ValueError(
+                f"got {len(prompts)} prompts for a prefix of {self.num_tiles} tiles: pass one prompt (asked of every "
+                "tile), one per tile, or build a one-tile prefix to ask several questions of one tile"
+            )
+        return prompts, list(range(self.num_tiles))
+
+    def _row_inputs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask)`` ``(rows, prefix_len + longest_suffix)``, padded after the prefix."""
+        tokenizer = self.processor.tokenizer
+        expanded = [t.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.num_image_tokens) for t in texts]
+        rows = [torch.tensor(ids, dtype=torch.long) for ids in tokenizer(expanded)["input_ids"]]
+        length = self.prefix_length
+        for text, ids in zip(texts, rows):
+            if ids.numel() <= length or not torch.equal(ids[:length], self.prefix_ids):
+                raise ValueError(
+                    f"the tokenized prompt {text[:80]!r}... does not start with the cached image prefix: the "
+                    "tokenizer merges tokens across the image boundary; use skymoe.generate for this prompt"
+                )
+        suffixes = [ids[length:] for ids in rows]
+        width = max(s.numel() for s in suffixes)
+        input_ids = torch.full((len(rows), length + width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        input_ids[:, :length] = self.prefix_ids
+        attention_mask[:, :length] = 1
+        for row, suffix in enumerate(suffixes):
+            input_ids[row, length + width - suffix.numel() :] = suffix
+            attention_mask[row, length + width - suffix.numel() :] = 1
+        return input_ids, attention_mask
+
+    @torch.inference_mode()
+    def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor,
+                tile_of_row: list[int], max_new_tokens: int, do_sample: bool) -> list[Generation]:
+        """Generate from a cache holding each row's tile prefix (only the text after it is prefilled)."""
+        model, tokenizer = self.model, self.processor.tokenizer
+        task_mode = model.config.router_mode == "task"
+        extra = {"task_ids": task_ids.to(model.device)} if task_mode else {}
+        with inference_path(model, self.fast):
+            cache = self._row_cache(task_ids.tolist() if task_mode else [-1] * len(tile_of_row), tile_of_row)
+            out = model.generate(
+                input_ids=input_ids.to(model.device),
+                attention_mask=attention_mask.to(model.device),
+                past_key_values=cache,
+                **extra,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        new_tokens = out.sequences[:, input_ids.shape[1] :]  # (rows, steps)
+        return generations_from_scores(tokenizer, new_tokens, out.logits)
+
+    def _row_cache(self, task_of_row: list[int], tile_of_row: list[int]) -> DynamicCache:
+        """A fresh cache with row ``r`` = the prefix KV of tile ``tile_of_row[r]`` under task ``task_of_row[r]``."""
+        per_task = {task: self._prefix_kv(task) for task in sorted(set(task_of_row))}
+        device = self._pixel_values.device
+        layers = []
+        for layer in range(len(per_task[task_of_row[0]])):
+            keys, values = [], []
+            for task, tile in zip(task_of_row, tile_of_row):
+                k, v = per_task[task][layer]
+                keys.append(k[tile])
+                values.append(v[tile])
+            layers.append((torch.stack(keys).to(device), torch.stack(values).to(device)))
+        return DynamicCache(ddp_cache_data=layers)  # updates concatenate: the stored prefix is never written
+
+    def _prefix_kv(self, task: int) -> LayerKV:
+        """The prefix KV of every tile under ``task`` (-1 = no task bias), computed once."""
+        if task not in self._kv:
+            model = self.model
+            ids = self.prefix_ids.unsqueeze(0).expand(self.num_tiles, -1).to(model.device)  # (tiles, prefix_len)
+            extra = {}
+            if model.config.router_mode == "task":
+                extra["task_ids"] = torch.full((self.num_tiles,), task, dtype=torch.long, device=model.device)
+            cache = DynamicCache()
+            model(input_ids=ids, pixel_values=self._pixel_values, attention_mask=torch.ones_like(ids),
+                  past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
+            self._kv[task] = tuple((layer.keys, layer.values) for layer in cache.layers)
+            logger.debug("encoded the image prefix of %d tiles (%d tokens, task %d)", self.num_tiles,
+                         self.prefix_length, task)
+        return self._kv[task]
