@@ -22,20 +22,28 @@ from app.map_component import map_value
 from app.session import Session
 from app.state import ModelHolder
 
-__all__ = ["TASK_CHOICES", "QUERY_NEEDS", "SCOPES", "run_analysis", "stopped_status", "answers_table"]
+__all__ = ["TASK_CHOICES", "QUERY_NEEDS", "SCOPES", "run_analysis", "stopped_status", "answers_table", "query_hint"]
 
 logger = logging.getLogger(__name__)
 
 TASK_CHOICES = ["count", "ground", "caption", "classify", "vqa"]
+#: Tasks that need a query: (what it is, an example).
 QUERY_NEEDS = {
-    "count": "the class to count (e.g. 'small vehicle')",
-    "ground": "the expression to find (e.g. 'the large ship near the pier')",
-    "vqa": "the question (e.g. 'Is there a runway?')",
+    "count": ("the class to count", "small vehicle"),
+    "ground": ("the expression to find", "the large ship near the pier"),
+    "vqa": ("the question", "Is there a runway?"),
 }
 SCOPES = ["Whole scene", "Area of interest"]
 ANSWER_COLUMNS = ["tile_id", "answer", "confidence"]
 
 Outputs = tuple[Session, str, pd.DataFrame, pd.DataFrame, pd.DataFrame, str, str]
+
+
+def query_hint(task: str) -> gr.Textbox:
+    """The Query box for ``task``: an example placeholder, or disabled where no query is needed."""
+    if task in QUERY_NEEDS:
+        return gr.Textbox(placeholder=QUERY_NEEDS[task][1], interactive=True)
+    return gr.Textbox(value="", placeholder=f"{task} needs no query", interactive=False)
 
 
 def answers_table(result: Any) -> pd.DataFrame:
@@ -53,7 +61,8 @@ def _check_request(session: Session, task: str, query: str | None, scope: str, a
     if task not in TASK_CHOICES:
         raise ValueError(f"Unknown task {task!r}; choose one of {TASK_CHOICES}.")
     if task in QUERY_NEEDS and not query:
-        raise ValueError(f"The {task} task needs {QUERY_NEEDS[task]}: type it in the Query box.")
+        what, example = QUERY_NEEDS[task]
+        raise ValueError(f"The {task} task needs {what} (e.g. '{example}'): type it in the Query box.")
     skymoe.build_prompt(task, query)
     if scope != "Area of interest":
         return None

@@ -196,10 +196,13 @@ def _layout(settings: AppSettings, initial: Session, initial_info: str) -> _Ui:
 
 def _wire_raster_and_map(ui: _Ui, settings: AppSettings, previews: PreviewStore) -> None:
     rt, at = ui.raster, ui.analyse
-    rt.load.click(functools.partial(handlers.load_raster, settings=settings, previews=previews),
-                  [rt.upload, rt.server_path, rt.bands, rt.custom_bands, rt.stretch_low, rt.stretch_high,
-                   rt.pixel_mode, at.tile, at.overlap],
-                  [ui.session, ui.the_map, rt.info, ui.selected], api_name="load_raster", show_progress_on=[rt.info])
+    load_inputs = [rt.upload, rt.server_path, rt.bands, rt.custom_bands, rt.stretch_low, rt.stretch_high,
+                   rt.pixel_mode, at.tile, at.overlap]
+    load_outputs = [ui.session, ui.the_map, rt.info, ui.selected]
+    load_fn = functools.partial(handlers.load_raster, settings=settings, previews=previews)
+    rt.load.click(load_fn, load_inputs, load_outputs, api_name="load_raster", show_progress_on=[rt.info])
+    rt.upload.upload(load_fn, load_inputs, load_outputs, api_visibility="private", show_progress_on=[rt.info])
+    at.task.change(analysis.query_hint, [at.task], [at.query], api_visibility="private", show_progress="hidden")
     ui.the_map.aoi(handlers.on_aoi, [ui.session], [ui.session, at.aoi, at.scope], api_visibility="private",
                    show_progress="hidden")
     ui.the_map.tile_select(handlers.on_tile_select, [ui.session], [ui.session, ui.selected],

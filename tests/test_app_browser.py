@@ -59,6 +59,8 @@ def _click_tile(driver) -> None:
 
 
 def test_map_offline_overlay_aoi_and_results():
+    from selenium.webdriver.common.by import By
+
     app = shared_app()
     with offline_chromium() as driver:
         driver.get(app.url)
@@ -92,9 +94,17 @@ def test_map_offline_overlay_aoi_and_results():
             "return document.querySelector('.skymoe-legend').innerText").startswith("Detections")
         driver.save_screenshot("/tmp/skymoe_app_count.png")
 
+        zoom = driver.execute_script("return window.skymoeMap.map.getZoom()")
+        _click_text(driver, "button", "Results")
+        cells = wait_for(lambda: [c for c in driver.find_elements(By.XPATH, "//span[normalize-space()='small vehicle']")
+                                  if c.is_displayed()][1:], 30, what="a detections row")
+        cells[0].click()  # the first shown cell is in the Counts table, the next in Detections
+        wait_for(lambda: driver.execute_script("return window.skymoeMap.map.getZoom()") > zoom, 30,
+                 what="map zoomed to the clicked detection")
+        driver.save_screenshot("/tmp/skymoe_app_results.png")
+
         _click_text(driver, "button", "Routing")
         _click_text(driver, "button", "Show routing on the selected tile")
-        from selenium.webdriver.common.by import By
 
         wait_for(lambda: driver.find_elements(By.XPATH, "//img[contains(@src, 'gradio_api/file')]"), 180,
                  what="routing figures")
