@@ -69,7 +69,8 @@ def _leaflet_dir() -> Path:
 def build_server(demo: gr.Blocks, settings: AppSettings, previews: PreviewStore, css: str = "") -> fastapi.FastAPI:
     """A FastAPI app serving our routes and, at ``/``, the Gradio app ``demo``.
 
-    Upload size, allowed server folders and optional basic auth are applied by Gradio.
+    Upload size and optional login are applied by Gradio. No server folder is exposed for
+    download: rasters opened by path are read by the handlers, not served.
     """
     server = fastapi.FastAPI(title="SkyMoE Geo", docs_url=None, redoc_url=None, openapi_url=None)
     server.mount(LEAFLET_ROUTE, StaticFiles(directory=_leaflet_dir()), name="leaflet")
@@ -87,7 +88,6 @@ def build_server(demo: gr.Blocks, settings: AppSettings, previews: PreviewStore,
         demo,
         path="/",
         auth=settings.auth,
-        allowed_paths=[str(p) for p in settings.allowed_dirs],
         max_file_size=settings.max_upload_bytes,
         show_error=True,
         footer_links=["api", "settings"],

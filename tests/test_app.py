@@ -201,3 +201,12 @@ def _inner_box(bounds: tuple[float, float, float, float]) -> tuple[float, float,
     west, south, east, north = bounds
     return (west + 0.2 * (east - west), south + 0.2 * (north - south),
             west + 0.8 * (east - west), south + 0.8 * (north - south))
+
+
+def test_model_tab_loads_4bit_or_says_why_not(app):
+    client = _client(app)
+    report = client.predict(str(app.model_dir), "4bit", "cpu", api_name="/load_model")
+    assert report.startswith("**Loaded**") and "M parameters" in report
+    assert "quantization **4bit**" in report or "⚠️" in report, report  # 4-bit, or the fallback notice
+    report = client.predict(str(app.model_dir), "none", "cpu", api_name="/load_model")
+    assert report.startswith("**Loaded**") and "quantization **none**" in report
