@@ -142,8 +142,8 @@ class _Ui:
 
 def _chat_tab() -> tuple[gr.Chatbot, gr.Textbox, gr.Button]:
     chatbot = gr.Chatbot(label="Questions about the selected tile", height=360)
-    gr.Markdown("Each question is answered from the selected tile's pixels alone; "
-                "the model does not see earlier turns.")
+    gr.Markdown("Questions about the same tile continue one conversation (the model sees the earlier "
+                "turns; the tile is encoded once). Selecting another tile starts a new one.")
     question = gr.Textbox(label="Question", placeholder="Is there a runway?")
     return chatbot, question, gr.Button("Ask", variant="primary")
 

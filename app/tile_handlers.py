@@ -6,6 +6,7 @@ without a selection the first tile of the grid is used, and the reply says so.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -13,12 +14,13 @@ import numpy as np
 import rasterio
 import skymoe
 from PIL import Image
+from skymoe.prefix import TilePrefix
 from tiling.reading import read_tile
 
 from app.errors import user_facing
 from app.map_component import map_value
 from app.plots import expert_heatmap_figure, expert_load_figure
-from app.session import Session
+from app.session import ChatContext, Session
 from app.state import ModelHolder
 
 __all__ = ["ROUTING_QUERIES", "selected_tile", "chat", "routing"]
@@ -51,10 +53,22 @@ def selected_tile(session: Session, tile_text: str) -> tuple[Any, np.ndarray]:
     return tile, image
 
 
+def _chat_context(session: Session, tile: Any, image: np.ndarray, loaded: Any) -> ChatContext:
+    """The session's conversation if it is about this tile with this model, else a fresh one."""
+    ctx = session.chat
+    if (ctx is not None and ctx.tile_id == tile.tile_id and ctx.grid_key == session.map.grid_key
+            and ctx.prefix.model is loaded.model):
+        return ctx
+    return ChatContext(tile.tile_id, session.map.grid_key, TilePrefix(loaded.model, loaded.processor, [image]))
+
+
 @user_facing("answering the question")
-def chat(session: Session, message: str, history: list[dict[str, str]], tile_text: str,
-         *, holder: ModelHolder) -> tuple[list[dict[str, str]], str, Session, str]:
-    """Answer ``message`` about the selected tile; the tile is highlighted on the map with the answer.
+def chat(session: Session, message: str, history: list[dict[str, Any]], tile_text: str,
+         *, holder: ModelHolder) -> tuple[list[dict[str, Any]], str, Session, str]:
+    """Answer ``message`` about the selected tile, continuing the conversation about that tile.
+
+    The tile's image prefix is encoded once (``TilePrefix``) and earlier turns on the same tile
+    are fed back to the model; another tile, grid or model starts a new conversation.
 
     Returns:
         (chat history in messages format, cleared input box, session, map value).
@@ -64,19 +78,21 @@ def chat(session: Session, message: str, history: list[dict[str, str]], tile_tex
         raise ValueError("Type a question about the selected tile first.")
     tile, image = selected_tile(session, tile_text)
     loaded = holder.get()
+    ctx = _chat_context(session, tile, image, loaded)
     prompt = skymoe.build_prompt("vqa", question)
-    generation = skymoe.generate(loaded.model, loaded.processor, [image], [prompt],
-                                 max_new_tokens=CHAT_MAX_NEW_TOKENS)[0]
+    generation = ctx.prefix.ask(prompt, history=ctx.turns, max_new_tokens=CHAT_MAX_NEW_TOKENS)[0]
     answer = generation.text.strip() or "(no answer)"
+    ctx = dataclasses.replace(ctx, turns=(*ctx.turns, (prompt, generation.text)))
     where = "" if (tile_text or "").strip() else " (no tile selected: the first tile)"
+    fresh = " (new conversation)" if len(ctx.turns) == 1 and history else ""
     history = list(history or []) + [
         {"role": "user", "content": question},
-        {"role": "assistant", "content": f"Tile {tile.tile_id}{where}: {answer} "
+        {"role": "assistant", "content": f"Tile {tile.tile_id}{where}{fresh}: {answer} "
                                          f"(confidence {generation.confidence:.2f})"},
     ]
     answers = dict(session.map.answers)
     answers[str(tile.tile_id)] = {"text": f"Q: {question} A: {answer}", "confidence": float(generation.confidence)}
-    session = session.replace(map=session.map.replace(answers=answers, selected=tile.tile_id))
+    session = session.replace(chat=ctx, map=session.map.replace(answers=answers, selected=tile.tile_id))
     return history, "", session, map_value(session.map)
 
 

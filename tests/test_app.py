@@ -172,6 +172,10 @@ def test_chat_and_routing_on_a_selected_tile(app):
     assert text.startswith("Tile 1: {<20><30><60><50>|0}")
     state = json.loads(map_json)
     assert state["selected"] == 1 and "Is there a car?" in state["answers"]["1"]["text"]
+    history, _, _ = client.predict("And a ship?", history, "1", api_name="/chat")  # same tile: one conversation
+    assert len(history) == 4 and "new conversation" not in str(history[-1]["content"])
+    history, _, _ = client.predict("Any roads?", history, "2", api_name="/chat")  # another tile: a new one
+    assert "Tile 2 (new conversation)" in str(history[-1]["content"])
     heatmaps, loads, note, map_json = client.predict("1", "count", api_name="/routing")
     assert Path(heatmaps).is_file() and Path(loads).is_file()
     assert note.startswith("Tile 1 ") and "8 experts" in note
