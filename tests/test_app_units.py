@@ -107,3 +107,27 @@ def test_raster_without_crs_points_to_pixel_mode(tmp_path):
     session, info = open_session(path, path.name, None, (2, 98), True, (504, 64), PreviewStore())
     assert session.map.overlay is None and "pixel coordinates" in session.map.message
     assert "CRS none (pixel mode)" in info and len(session.grid.tiles) == 1
+
+
+def test_unexpected_errors_become_a_short_message_not_a_trace():
+    import gradio as gr
+
+    from app.errors import user_facing
+
+    @user_facing("doing something")
+    def broken():
+        raise KeyError("tile_px")
+
+    @user_facing("streaming")
+    def broken_stream():
+        yield 1
+        raise FileNotFoundError("/data/x.tif is gone")
+
+    with pytest.raises(gr.Error) as err:
+        broken()
+    assert "Something went wrong while doing something (KeyError" in err.value.message
+    assert "log" in err.value.message and "Traceback" not in err.value.message
+    stream = broken_stream()
+    assert next(stream) == 1
+    with pytest.raises(gr.Error, match="x.tif is gone"):
+        next(stream)
