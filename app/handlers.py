@@ -27,14 +27,14 @@ from app.settings import AppSettings
 from app.state import ModelHolder
 
 __all__ = [
-    "BAND_CHOICES", "EXPORT_FORMATS", "load_raster", "open_default_raster", "on_aoi", "on_tile_select",
+    "BAND_CHOICES", "EXPORT_FORMATS", "load_raster", "open_session", "open_default_raster", "on_aoi", "on_tile_select",
     "parse_aoi", "selected_text", "grid_layer", "select_result_row", "export_result", "load_model", "model_report",
     "detections_table", "counts_table",
 ]
 
 logger = logging.getLogger(__name__)
 
-BAND_CHOICES = ["auto", "rgb", "sentinel2", "landsat8", "naip", "gray", "custom"]
+BAND_CHOICES = ["auto", *tiling.BAND_PRESETS, "custom"]
 EXPORT_FORMATS = {
     "GeoJSON (EPSG:4326)": ".geojson",
     "GeoPackage (native CRS)": ".gpkg",
