@@ -109,6 +109,10 @@ def test_map_offline_overlay_aoi_and_results():
         wait_for(lambda: driver.find_elements(By.XPATH, "//img[contains(@src, 'gradio_api/file')]"), 180,
                  what="routing figures")
         driver.save_screenshot("/tmp/skymoe_app_routing.png")
+        _click_text(driver, "span", "OpenStreetMap (online)")  # blocked network: says so, no crash
+        wait_for(lambda: "unreachable" in driver.find_element(By.CSS_SELECTOR, ".skymoe-map-status").text, 30,
+                 what="the offline basemap notice")
+        assert _map_data(driver, "overlay") == "on"
         severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "127.0.0.1" in e["message"]
                   and "favicon" not in e["message"]]
         assert not severe, severe

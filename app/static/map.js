@@ -29,6 +29,11 @@ const baseLayers = {
     {maxZoom: 19, attribution: "Esri World Imagery"}),
 };
 blank.addTo(map);
+for (const [name, layer] of Object.entries(baseLayers)) {
+  if (layer.on) {  // online basemaps fail quietly offline: one line under the map, no broken tiles
+    layer.on("tileerror", () => setStatus(`${name}: tiles unreachable (offline?); the map works without it.`));
+  }
+}
 const layers = {
   overlay: null,
   grid: L.geoJSON(null, {style: gridStyle, onEachFeature: bindGridTile}),
