@@ -315,12 +315,14 @@ class SkyMoESparseBlock(nn.Module):
         return first.device.type != "meta" and all(w.device == first.device and w.dtype == first.dtype for w in weights)
 
     def is_fused(self) -> bool:
-        """True while the experts' weights are still the views made by :meth:`fuse_experts`."""
+        """True while the experts are still plain ``nn.Linear`` whose weights are the views made by :meth:`fuse_experts`."""
         if self._fused is None:
             return False
         if torch.compiler.is_compiling():
             return True  # checked by fuse_experts before compiling; data_ptr() cannot be traced
-        return tuple(lin.weight.data_ptr() for lin in self._expert_linears()) == self._fused.pointers
+        # a Linear replaced or wrapped later (peft LoRA, quantization) keeps its weight but is no longer plain
+        pointers = tuple(lin.weight.data_ptr() if type(lin) is nn.Linear else -1 for lin in self._expert_linears())
+        return pointers == self._fused.pointers
 
     @torch.no_grad()
     def fuse_experts(self) -> bool:

@@ -92,6 +92,29 @@ def test_fusing_makes_expert_weights_views_of_one_stack_without_changing_anythin
         assert block.resolved_implementation(4, torch.device("cpu"), torch.bfloat16) == "loop"
 
 
+def test_lora_applied_after_fusing_is_not_bypassed():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = skymoe.SkyMoEForConditionalGeneration(tiny_config()).eval()
+    assert fuse_experts(model) == 2
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero: make the adapters matter
+            torch.nn.init.normal_(param, std=0.5)
+    block = model.base_model.model.model.language_model.layers[1].mlp
+    assert not block.is_fused()  # the experts are LoRA layers now: the stacked weights would skip the adapters
+    x = torch.randn(1, 5, 64)
+    with torch.no_grad():
+        auto = block(x)
+        block.implementation = "loop"
+        assert torch.allclose(auto, block(x), atol=1e-6)
+    block.implementation = "auto"
+    with torch.no_grad(), pytest.raises(RuntimeError, match="need fused experts"):
+        block.implementation = "grouped"
+        block(x)
+
+
 def test_a_whole_decoding_step_traces_without_graph_breaks_on_the_sync_free_paths():
     """Capturable for CUDA graphs: a static-cache decoding step of the whole model traces as ONE graph
     (fullgraph=True raises on any .tolist()/.item()/nonzero()) with the grouped_mm MoE path."""
