@@ -198,15 +198,14 @@ class TilePrefix:
     def _row_cache(self, task_of_row: list[int], tile_of_row: list[int]) -> DynamicCache:
         """A fresh cache with row ``r`` = the prefix KV of tile ``tile_of_row[r]`` under task ``task_of_row[r]``."""
         per_task = {task: self._prefix_kv(task) for task in sorted(set(task_of_row))}
-        device = self._pixel_values.device
-        layers = []
-        for layer in range(len(per_task[task_of_row[0]])):
-            keys, values = [], []
-            for task, tile in zip(task_of_row, tile_of_row):
-                k, v = per_task[task][layer]
-                keys.append(k[tile])
-                values.append(v[tile])
-            layers.append((torch.stack(keys).to(device), torch.stack(values).to(device)))
+        if len(per_task) == 1 and tile_of_row == list(range(self.num_tiles)):
+            layers = per_task[task_of_row[0]]  # every tile once, in order: no gather needed
+        else:  # copy each row's tile (under its task) out of the stored prefix
+            layers = [
+                tuple(torch.stack([per_task[task][layer][part][tile] for task, tile in zip(task_of_row, tile_of_row)])
+                      for part in (0, 1))
+                for layer in range(len(per_task[task_of_row[0]]))
+            ]
         return DynamicCache(ddp_cache_data=layers)  # updates concatenate: the stored prefix is never written
 
     def _prefix_kv(self, task: int) -> LayerKV:
