@@ -128,11 +128,14 @@ class FusedExperts:
         down: ``(E, hidden, intermediate)``: ``down_proj``.
         pointers: The ``data_ptr()`` of every expert weight at fusion time (``3 * E``), to detect
             weights that were later replaced or moved (``.to()``, ``load_state_dict(assign=True)``).
+        kernel: Whether ``torch._grouped_mm`` runs as a fused kernel for these weights
+            (:func:`grouped_mm_kernel_available`, decided at fusion, outside any compiled region).
     """
 
     gate_up: torch.Tensor
     down: torch.Tensor
     pointers: tuple[int, ...]
+    kernel: bool
 
 
 class SkyMoESparseBlock(nn.Module):
@@ -140,7 +143,7 @@ class SkyMoESparseBlock(nn.Module):
 
     Experts are an ``nn.ModuleList`` of :class:`~transformers.models.llama.modeling_llama.LlamaMLP`
     (three ``nn.Linear`` each), so bitsandbytes and peft LoRA apply to them as to any Linear.
-    No token is dropped, no noise is added. Four implementations of the same function
+    No token is dropped, no noise is added. Five implementations of the same function
     (:attr:`implementation`, set with :func:`set_moe_implementation`):
 
     * ``"loop"``: tokens grouped per expert, each selected expert runs once on its own tokens
@@ -192,7 +195,7 @@ class SkyMoESparseBlock(nn.Module):
         (resolves ``"auto"``)."""
         grad = torch.is_grad_enabled()
         if self.implementation == "auto" and not grad and self.is_fused():
-            return "grouped_mm" if grouped_mm_kernel_available(device, dtype) else "grouped"
+            return "grouped_mm" if self._fused.kernel and dtype == self._fused.gate_up.dtype else "grouped"
         if self.implementation == "auto":
             small_cuda = device.type == "cuda" and num_tokens <= MASKED_MAX_TOKENS
             return "masked" if small_cuda and not grad else "loop"
@@ -349,7 +352,8 @@ class SkyMoESparseBlock(nn.Module):
                               (expert.up_proj, gate_up[index, intermediate:]), (expert.down_proj, down[index])):
                 lin.weight.data = view  # same Parameter object: optimizers and hooks keep their references
         pointers = tuple(lin.weight.data_ptr() for lin in self._expert_linears())
-        self._fused = FusedExperts(gate_up=gate_up, down=down, pointers=pointers)
+        kernel = grouped_mm_kernel_available(gate_up.device, gate_up.dtype)
+        self._fused = FusedExperts(gate_up=gate_up, down=down, pointers=pointers, kernel=kernel)
         return True
 
 
