@@ -8,7 +8,10 @@ previous turns of a chat followed by the new question) and decoding. The tokens 
 same as a fresh :func:`skymoe.generate` on the whole prompt (tests/test_fast_inference.py).
 
 Several tiles can share one :class:`TilePrefix` (a batch of tiles, one KV row each), and
-several questions can be asked of one tile at once (its KV row is repeated). Rows whose text
+several questions can be asked of one tile at once (its KV row is repeated). A question asked
+alone (one row) also keeps the KV of its whole conversation (prefix, text, answer): the next
+one-row question on that tile reuses it up to the first token where its prompt differs, so a
+chat turn prefills only the new question, not the earlier turns again. Rows whose text
 after the prefix differs in length are padded between the prefix and the text (the
 attention mask hides the padding; positions follow the mask), so every row sees exactly
 the positions and keys of its own unpadded prompt.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,6 +42,16 @@ logger = logging.getLogger(__name__)
 
 #: One ``(keys, values)`` pair per decoder layer, each ``(tiles, kv_heads, prefix_len, head_dim)``.
 LayerKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+@dataclass(frozen=True)
+class _Turn:
+    """The KV cache of the last one-row ask: its task, tile, token ids ``(length,)`` and per-layer KV."""
+
+    task: int
+    tile: int
+    ids: torch.Tensor
+    kv: LayerKV
 
 
 class TilePrefix:
@@ -95,6 +109,7 @@ class TilePrefix:
         self.prefix_ids = ids[: int(image_positions[-1]) + 1].clone()  # up to the last image token
         self._pixel_values = inputs["pixel_values"].to(model.device)
         self._kv: dict[int, LayerKV] = {}  # task id (-1 = none) -> prefix KV of every tile
+        self._last_turn: _Turn | None = None  # KV of the last one-row ask (prefix + text + answer)
 
     @property
     def prefix_length(self) -> int:
@@ -177,9 +192,10 @@ class TilePrefix:
         """Generate from a cache holding each row's tile prefix (only the text after it is prefilled)."""
         model, tokenizer = self.model, self.processor.tokenizer
         task_mode = model.config.router_mode == "task"
+        task_of_row = task_ids.tolist() if task_mode else [-1] * len(tile_of_row)
         extra = {"task_ids": task_ids.to(model.device)} if task_mode else {}
         with inference_path(model, self.fast):
-            cache = self._row_cache(task_ids.tolist() if task_mode else [-1] * len(tile_of_row), tile_of_row)
+            cache = self._turn_cache(input_ids, task_of_row, tile_of_row) or self._row_cache(task_of_row, tile_of_row)
             out = model.generate(
                 input_ids=input_ids.to(model.device),
                 attention_mask=attention_mask.to(model.device),
@@ -192,8 +208,27 @@ class TilePrefix:
                 output_logits=True,
                 return_dict_in_generate=True,
             )
+        if len(tile_of_row) == 1:  # a chat turn: keep its KV for the next turn on this tile
+            length = out.past_key_values.get_seq_length()
+            kv = tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
+            self._last_turn = _Turn(task_of_row[0], tile_of_row[0], out.sequences[0, :length].cpu(), kv)
         new_tokens = out.sequences[:, input_ids.shape[1] :]  # (rows, steps)
         return generations_from_scores(tokenizer, new_tokens, out.logits)
+
+    def _turn_cache(self, input_ids: torch.Tensor, task_of_row: list[int], tile_of_row: list[int]) -> DynamicCache | None:
+        """For a one-row ask on the tile (and task) of the previous one-row ask: a cache holding the
+        previous conversation's KV up to the first token where the new prompt differs from it
+        (the earlier turns and answers), so only the new text is prefilled; else ``None``."""
+        turn = self._last_turn
+        if turn is None or len(tile_of_row) != 1 or (turn.task, turn.tile) != (task_of_row[0], tile_of_row[0]):
+            return None
+        ids = input_ids[0]
+        span = min(turn.ids.numel(), ids.numel() - 1)  # at least one new token must be fed
+        differs = torch.nonzero(turn.ids[:span] != ids[:span]).flatten()
+        common = int(differs[0]) if differs.numel() else span
+        if common <= self.prefix_length:
+            return None
+        return DynamicCache(ddp_cache_data=[(k[:, :, :common], v[:, :, :common]) for k, v in turn.kv])
 
     def _row_cache(self, task_of_row: list[int], tile_of_row: list[int]) -> DynamicCache:
         """A fresh cache with row ``r`` = the prefix KV of tile ``tile_of_row[r]`` under task ``task_of_row[r]``."""

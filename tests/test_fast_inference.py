@@ -240,7 +240,7 @@ def test_chat_turns_after_the_prefix_equal_a_fresh_conversation(token_model, ima
     assert second.text == reference
 
 
-def test_second_question_runs_no_vision_and_prefills_only_the_text(token_model, images):
+def test_second_question_runs_no_vision_and_prefills_only_the_new_text(token_model, images):
     model, processor = token_model
     vision_calls, prefill_lengths = [], []
     hooks = [
@@ -248,18 +248,26 @@ def test_second_question_runs_no_vision_and_prefills_only_the_text(token_model, 
         model.model.language_model.embed_tokens.register_forward_hook(
             lambda _m, args, _o: prefill_lengths.append(args[0].shape[1])),
     ]
+    tokenizer = processor.tokenizer
     try:
         prefix = TilePrefix(model, processor, images[:1])
-        prefix.ask(PROMPTS[0], max_new_tokens=1)
+        first = prefix.ask(PROMPTS[0], max_new_tokens=3)[0]
         assert len(vision_calls) == 1 and prefill_lengths[0] == prefix.prefix_length
+        expand = lambda text: text.replace("<image>", "<image>" * prefix.num_image_tokens)  # noqa: E731
+        turn_one = tokenizer(expand(render_conversation([(PROMPTS[0], None)]))).input_ids
+        assert prefill_lengths[1] == len(turn_one) - prefix.prefix_length  # only the text after the image
         vision_calls.clear(), prefill_lengths.clear()
-        prefix.ask(PROMPTS[1], max_new_tokens=1)
-        unexpanded = len(processor.tokenizer(render_conversation([(PROMPTS[1], None)])).input_ids)  # 1 <image> token
+        history = [(PROMPTS[0], first.text)]
+        cached = prefix._last_turn.ids  # the first conversation's tokens whose KV was kept
+        prefix.ask(PROMPTS[1], history=history, max_new_tokens=1)
     finally:
         for hook in hooks:
             hook.remove()
-    text_after_image = unexpanded + prefix.num_image_tokens - 1 - prefix.prefix_length
-    assert vision_calls == [] and prefill_lengths == [text_after_image]
+    turn_two = torch.tensor(tokenizer(expand(render_conversation([*history, (PROMPTS[1], None)]))).input_ids)
+    span = min(len(cached), len(turn_two))
+    common = int(next((i for i in range(span) if cached[i] != turn_two[i]), span))
+    assert common >= len(turn_one)  # the whole first prompt (and what matches of its answer) is reused
+    assert vision_calls == [] and prefill_lengths == [len(turn_two) - common]
 
 
 def test_task_router_encodes_the_prefix_per_task(task_model, images):
