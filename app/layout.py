@@ -152,8 +152,11 @@ def _routing_tab() -> tuple[gr.Dropdown, gr.Button, gr.Markdown, gr.Image, gr.Im
     task = gr.Dropdown(list(tile_handlers.ROUTING_QUERIES), value="caption", label="Heatmaps for task")
     show = gr.Button("Show routing on the selected tile", variant="primary")
     note = gr.Markdown()
-    heatmaps = gr.Image(label="Per-expert heatmaps", type="pil", interactive=False)
-    loads = gr.Image(label="Expert load per task", type="pil", interactive=False)
+    # Labels as headings: the image's own label chip would cover the figures' top-left titles.
+    gr.Markdown("**Per-expert heatmaps** (rows: MoE layers; first column: the tile)")
+    heatmaps = gr.Image(label="Per-expert heatmaps", show_label=False, type="pil", interactive=False)
+    gr.Markdown("**Expert load per task**")
+    loads = gr.Image(label="Expert load per task", show_label=False, type="pil", interactive=False)
     return task, show, note, heatmaps, loads
 
 

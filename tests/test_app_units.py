@@ -10,7 +10,7 @@ from app.handlers import _bands_arg, _resolve_source, parse_aoi
 from app.main import parse_args
 from app.map_component import MapState, make_map, map_value
 from app.server import PreviewStore
-from app.settings import DEFAULT_MODEL_DIR, AppSettings
+from app.settings import AppSettings
 from app.state import ModelHolder, ModelUnavailableError
 from tiling.errors import AOIError
 
@@ -73,11 +73,14 @@ def test_server_paths_stay_inside_allowed_folders(tmp_path):
         _resolve_source(None, "  ", settings)
 
 
-@pytest.mark.skipif(DEFAULT_MODEL_DIR.is_dir(), reason="the demo checkpoint is present")
-def test_missing_demo_model_says_how_to_make_it():
+def test_missing_demo_model_says_how_to_make_it(tmp_path, monkeypatch):
+    import app.state
+
+    missing_demo = tmp_path / "skymoe-demo"  # as on a clone where assets/skymoe-demo is absent
+    monkeypatch.setattr(app.state, "DEFAULT_MODEL_DIR", missing_demo)
     holder = ModelHolder()
     with pytest.raises(ModelUnavailableError, match="python -m train.demo --out assets/skymoe-demo"):
-        holder.load(DEFAULT_MODEL_DIR)
+        holder.load(missing_demo)
     assert "train.demo" in holder.status.error
     with pytest.raises(ModelUnavailableError, match="No model is loaded"):
         holder.get()
