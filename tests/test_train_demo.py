@@ -123,3 +123,20 @@ def test_cli_rejects_a_bad_config_field(tmp_path, capsys):
     assert code == 2
     assert "model.text_hidden" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_phase_stops_at_a_chunk_boundary_when_the_machine_is_slower_than_measured(demo_run, monkeypatch):
+    """A step-time calibration taken at a quiet moment must not let a phase overrun its time share."""
+    out, summary, work = demo_run
+    import train.demo as demo
+
+    monkeypatch.setattr(demo, "_seconds_per_step", lambda *args: 0.001)  # 1000x too optimistic
+    model = skymoe.SkyMoEForConditionalGeneration.from_pretrained(out).float()
+    processor = skymoe.SkyMoEProcessor.from_pretrained(out)
+    val_records, _ = read_instruction_jsonl(work / "val" / "benchmark.jsonl")
+    tcfg = DemoTraining(micro_batch=2, global_batch=2, chunk_minutes=12, max_length=512)
+    report = demo.run_phase("slow", model, processor, work / "moe.jsonl", val_records, tcfg, 1e-4, 0.02,
+                            work / "runs-slow", seed=0)
+    assert report.steps_planned == 18  # 0.9 * 0.02 s / 0.001 s
+    assert report.steps_done == 3  # chunks are at most a sixth of the plan; the first one already overran
+    assert len(report.quick_eval) == 1

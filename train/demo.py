@@ -22,8 +22,9 @@ whole recipe on CPU (or one GPU) within the time budget:
 Each phase runs in chunks of the explicit loop (checkpoint, then resume), with a quick
 held-out check (:func:`train.eval.score_results` on a validation benchmark whose seed is
 ``seed + 1``, never an evaluation seed) between chunks. The phase length in steps is planned
-from a measured step time so that the whole run fits ``--budget-minutes``; a phase that runs
-past its share of the budget stops at the next chunk boundary.
+from a measured step time so that the whole run fits ``--budget-minutes``; when the machine
+turns out slower than measured, a phase stops at the chunk boundary whose next chunk would
+overrun its share of the budget.
 """
 
 from __future__ import annotations
@@ -384,12 +385,13 @@ def _bleu4_proxy(results: list[SampleResult]) -> float:
 
 
 def _seconds_per_step(model, dataset, collator, tcfg: DemoTraining) -> float:
-    """Measured seconds of one optimizer step (best of two micro-batch forward+backward passes)."""
-    batch = collator([dataset[i % len(dataset)] for i in range(tcfg.micro_batch)])
+    """Measured seconds of one optimizer step: best of two micro-batches, each timed from data
+    encoding through forward and backward (gradients dropped), times the accumulation."""
     model.train()
     times = []
-    for _ in range(2):
+    for rep in range(2):
         start = time.perf_counter()
+        batch = collator([dataset[(rep * tcfg.micro_batch + i) % len(dataset)] for i in range(tcfg.micro_batch)])
         model(**batch).loss.backward()
         times.append(time.perf_counter() - start)
     model.zero_grad(set_to_none=True)
@@ -401,8 +403,9 @@ def run_phase(name: str, model, processor, train_jsonl: Path, val_records, tcfg:
     """Train ``model`` in place for about ``seconds`` with the explicit loop, in checked chunks.
 
     The step count is planned from a measured step time (cosine schedule over the plan);
-    after every chunk of ``chunk_minutes`` the loop checkpoints, a quick held-out check runs,
-    and the phase stops early once it is 10 % past ``seconds``.
+    after every chunk (``chunk_minutes``, at most a sixth of the plan) the loop checkpoints and
+    a quick held-out check runs; the phase stops early when the next chunk, at the speed seen
+    so far, would end more than 10 % past ``seconds`` (a shared machine can slow down).
 
     Args:
         name: phase name (``"dense"`` or ``"moe"``), the loop's folder under ``run_dir``.
@@ -420,7 +423,8 @@ def run_phase(name: str, model, processor, train_jsonl: Path, val_records, tcfg:
     collator = PaddingCollator(processor.tokenizer.pad_token_id)
     per_step = _seconds_per_step(model, dataset, collator, tcfg)
     total = max(1, int(0.9 * seconds / per_step))
-    chunk = max(1, min(total, int(tcfg.chunk_minutes * 60 / per_step)))
+    # at least 6 chunks: the time check between chunks must catch a machine slower than measured
+    chunk = max(1, min(math.ceil(total / 6), int(tcfg.chunk_minutes * 60 / per_step)))
     steps_per_epoch = math.ceil(len(dataset) / tcfg.global_batch)
     loop_cfg = LoopConfig(output_dir=str(run_dir / name), epochs=math.ceil(total / steps_per_epoch),
                           global_batch_size=tcfg.global_batch, per_device_batch_size=tcfg.micro_batch,
@@ -436,9 +440,11 @@ def run_phase(name: str, model, processor, train_jsonl: Path, val_records, tcfg:
         report.steps_done, report.final_loss = result.last_step, result.history[-1].loss
         report.quick_eval.append({"step": result.last_step, "minutes": (time.monotonic() - start) / 60,
                                   "loss": report.final_loss, **quick_eval(model, processor, val_records)})
-        if time.monotonic() - start > 1.1 * seconds and report.steps_done < total:
-            logger.warning("phase %s: time share used up at step %d of %d; stopping early", name,
-                           report.steps_done, total)
+        elapsed = time.monotonic() - start
+        next_chunk_s = min(chunk, total - report.steps_done) * elapsed / report.steps_done
+        if report.steps_done < total and elapsed + next_chunk_s > 1.1 * seconds:
+            logger.warning("phase %s: the next chunk would overrun the time share (%.1f of %.1f min used); "
+                           "stopping at step %d of %d", name, elapsed / 60, seconds / 60, report.steps_done, total)
             break
     report.seconds = time.monotonic() - start
     report.seconds_per_step = report.seconds / max(1, report.steps_done)
