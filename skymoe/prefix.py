@@ -196,24 +196,53 @@ class TilePrefix:
         extra = {"task_ids": task_ids.to(model.device)} if task_mode else {}
         with inference_path(model, self.fast):
             cache = self._turn_cache(input_ids, task_of_row, tile_of_row) or self._row_cache(task_of_row, tile_of_row)
-            out = model.generate(
-                input_ids=input_ids.to(model.device),
-                attention_mask=attention_mask.to(model.device),
-                past_key_values=cache,
-                **extra,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
+            input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
+            if do_sample:
+                out = model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **extra,
+                    max_new_tokens=max_new_tokens, do_sample=True, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id, output_logits=True, return_dict_in_generate=True,
+                )
+                new_tokens, logits = out.sequences[:, input_ids.shape[1] :], out.logits  # (rows, steps)
+            else:
+                new_tokens, logits = self._greedy(input_ids, attention_mask, cache, extra, max_new_tokens)
         if len(tile_of_row) == 1:  # a chat turn: keep its KV for the next turn on this tile
-            length = out.past_key_values.get_seq_length()
-            kv = tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
-            self._last_turn = _Turn(task_of_row[0], tile_of_row[0], out.sequences[0, :length].cpu(), kv)
-        new_tokens = out.sequences[:, input_ids.shape[1] :]  # (rows, steps)
-        return generations_from_scores(tokenizer, new_tokens, out.logits)
+            length = cache.get_seq_length()
+            ids = torch.cat([input_ids[0], new_tokens[0]])[:length].cpu()
+            kv = tuple((layer.keys, layer.values) for layer in cache.layers)
+            self._last_turn = _Turn(task_of_row[0], tile_of_row[0], ids, kv)
+        return generations_from_scores(tokenizer, new_tokens, logits)
+
+    def _greedy(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache, extra: dict,
+                max_new_tokens: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Greedy decoding on the language model and LM head directly (what transformers' greedy ``generate``
+        computes, without its per-call and per-step overhead): feeds the uncached tokens, then one token per step.
+
+        Returns:
+            ``(rows, steps)`` generated ids (pad after a row's EOS, as ``generate``) and the raw
+            ``(rows, vocab)`` logits of each step.
+        """
+        model, tokenizer = self.model, self.processor.tokenizer
+        text_model = model.model.language_model
+        past = cache.get_seq_length()
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (rows, new)
+        feed, mask = input_ids[:, past:], attention_mask
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        tokens, logits = [], []
+        for step in range(max_new_tokens):
+            hidden = text_model(input_ids=feed, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                use_cache=True, **extra).last_hidden_state[:, -1]  # (rows, D)
+            step_logits = model.lm_head(hidden)  # (rows, vocab)
+            chosen = torch.where(finished, pad, step_logits.argmax(-1))  # (rows,)
+            tokens.append(chosen)
+            logits.append(step_logits)
+            finished |= chosen == tokenizer.eos_token_id
+            if step + 1 == max_new_tokens or bool(finished.all()):
+                break
+            feed, positions = chosen.unsqueeze(1), positions[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        return torch.stack(tokens, dim=1), logits
 
     def _turn_cache(self, input_ids: torch.Tensor, task_of_row: list[int], tile_of_row: list[int]) -> DynamicCache | None:
         """For a one-row ask on the tile (and task) of the previous one-row ask: a cache holding the
