@@ -289,3 +289,5 @@ def test_prefix_rejects_bad_requests(token_model, images):
         prefix.ask(PROMPTS[:2])
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         prefix.ask(PROMPTS[0], max_new_tokens=0)
+    sampled = prefix.ask(PROMPTS[0], max_new_tokens=3, do_sample=True)  # sampling goes through generate()
+    assert len(sampled) == 3 and all(0.0 < g.confidence <= 1.0 for g in sampled)
