@@ -9,6 +9,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from skymoe.routing_plots import plot_expert_heatmaps
+
 __all__ = ["expert_heatmap_figure", "expert_load_figure"]
 
 MAX_LAYER_ROWS = 8
@@ -25,27 +27,18 @@ def _to_image(fig: Figure) -> Image.Image:
 def expert_heatmap_figure(tile_rgb: np.ndarray, heatmaps: np.ndarray, layer_ids: list[int]) -> Image.Image:
     """The tile and, per MoE layer (rows) and expert (columns), the share of patches routed there.
 
+    Rendered by :func:`skymoe.routing_plots.plot_expert_heatmaps` (shared with ``train.viz_router``),
+    at most :data:`MAX_LAYER_ROWS` layers so the figure stays readable in the tab.
+
     Args:
         tile_rgb: ``(height_px, width_px, 3)`` uint8 tile.
         heatmaps: ``(num_moe_layers, num_experts, grid_h, grid_w)`` shares in 0..1.
         layer_ids: decoder-layer index of each row of ``heatmaps``.
     """
-    layers = heatmaps[:MAX_LAYER_ROWS]
-    n_layers, n_experts = layers.shape[:2]
-    fig = Figure(figsize=(1.6 * (n_experts + 1), 1.6 * n_layers + 0.6))
-    axes = fig.subplots(n_layers, n_experts + 1, squeeze=False)
-    for row in range(n_layers):
-        axes[row, 0].imshow(tile_rgb)
-        axes[row, 0].set_ylabel(f"layer {layer_ids[row]}", fontsize=8)
-        for expert in range(n_experts):
-            axes[row, expert + 1].imshow(layers[row, expert], cmap="magma", vmin=0.0, vmax=1.0)
-            if row == 0:
-                axes[row, expert + 1].set_title(f"expert {expert}", fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
+    title = None
     if len(heatmaps) > MAX_LAYER_ROWS:
-        fig.text(0.5, 0.0, f"first {MAX_LAYER_ROWS} of {len(heatmaps)} MoE layers", ha="center", fontsize=8)
+        title = f"first {MAX_LAYER_ROWS} of {len(heatmaps)} MoE layers"
+    fig = plot_expert_heatmaps(heatmaps[:MAX_LAYER_ROWS], tile_rgb, layer_ids[:MAX_LAYER_ROWS], title=title)
     return _to_image(fig)
 
 
