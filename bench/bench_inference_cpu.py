@@ -5,7 +5,7 @@ Prints (medians of --repeats alternating runs, wall and CPU seconds; the machine
   (2) scene count of several classes (--classes): plain = one ``tiling.analyze`` per class; fast =
       each batch of tiles encoded once (``skymoe.prefix.TilePrefix``), every class asked of it;
   (3) chat: a first question on an unseen tile vs a second question on the same tile
-      (prefix reused), and the second question without reuse (the whole conversation re-encoded);
+      (prefix and first turn reused), and the second question without reuse (all re-encoded);
   (4) where one batch's time goes (processor, vision tower, LLM prefill, decoding), which
       explains the ratio of (1).
 Each fast figure is checked to give the same answers as the plain one.
@@ -16,7 +16,7 @@ tokens, Llama 4 x 256, E=4 top-2); random weights never stop early, so its answe
 --max-new-tokens long.
 
 Usage: python bench/bench_inference_cpu.py [--model assets/skymoe-demo] [--raster assets/sample_scene.tif]
-           [--crop-px 2048] [--classes "small vehicle,ship,storage tank"] [--repeats 3] [--threads 1]
+           [--crop-px 2048] [--classes "car,building,ship"] [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=REPO / "assets" / "skymoe-demo")
     parser.add_argument("--raster", type=Path, default=REPO / "assets" / "sample_scene.tif")
     parser.add_argument("--crop-px", type=int, default=2048, help="square AOI (px) from the top-left; 0 = whole scene")
-    parser.add_argument("--classes", default="small vehicle,ship,storage tank")
+    parser.add_argument("--classes", default="car,building,ship")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
