@@ -112,17 +112,20 @@ def tile_inputs(model, tiles: int, seed: int = 0) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
 
 
-class StepClock:
-    """A logits processor that stamps the (synchronised) time of every generation step."""
+def step_clock(device: torch.device):
+    """A logits processor that stamps the (synchronised) time of every generation step (``.stamps``)."""
+    from transformers import LogitsProcessor
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.stamps: list[float] = []
+    class StepClock(LogitsProcessor):
+        def __init__(self):
+            self.stamps: list[float] = []
 
-    def __call__(self, input_ids, scores):
-        sync(self.device)
-        self.stamps.append(time.perf_counter())
-        return scores
+        def __call__(self, input_ids, scores):
+            sync(device)
+            self.stamps.append(time.perf_counter())
+            return scores
+
+    return StepClock()
 
 
 def decode(model, inputs: dict, fast: bool, new_tokens: int, repeats: int, compile_step: bool = True) -> dict:
@@ -139,7 +142,7 @@ def decode(model, inputs: dict, fast: bool, new_tokens: int, repeats: int, compi
     reset_peak(model.device)
     with torch.inference_mode(), inference_path(model, fast):
         for run in range(repeats + 1):  # run 0 warms up (and compiles the fast path)
-            clock = StepClock(model.device)
+            clock = step_clock(model.device)
             out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                  pad_token_id=0, logits_processor=LogitsProcessorList([clock]), **extra)
             steps = [b - a for a, b in zip(clock.stamps[1:], clock.stamps[2:])]
@@ -197,21 +200,27 @@ def quantize_nf4_in_place(model) -> int:
     """Replace the LLM's Linears (not the routers) by bitsandbytes nf4 Linear4bit, on the GPU; returns the count."""
     import bitsandbytes as bnb
 
-    targets = [(name, module) for name, module in model.model.language_model.named_modules()
-               if type(module) is torch.nn.Linear and not name.endswith("router.gate")]
-    for name, linear in targets:
-        parent = model.model.language_model.get_submodule(name.rsplit(".", 1)[0])
+    from skymoe.moe import release_fused_experts
+
+    release_fused_experts(model)  # the bf16 expert stacks are freed as their experts are replaced
+    text_model = model.model.language_model
+    names = [name for name, module in text_model.named_modules()
+             if type(module) is torch.nn.Linear and not name.endswith("router.gate")]
+    for name in names:  # one layer at a time: the bf16 weight is freed once its module is replaced
+        parent_name, _, child = name.rpartition(".")
+        parent = text_model.get_submodule(parent_name)
+        linear = getattr(parent, child)
         quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
                                       compute_dtype=torch.bfloat16, compress_statistics=False, quant_type="nf4",
                                       device="meta")
         quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=False,
                                              quant_type="nf4", module=quantized)
         quantized.weight._quantize(linear.weight.device)
-        setattr(parent, name.rsplit(".", 1)[1], quantized)
+        setattr(parent, child, quantized)
         del linear
     if model.device.type == "cuda":
         torch.cuda.empty_cache()
-    return len(targets)
+    return len(names)
 
 
 def row(label: str, plain: float, fast: float, unit: str, floor: float, target: str, better: str) -> str:

@@ -28,6 +28,7 @@ __all__ = [
     "MASKED_MAX_TOKENS",
     "grouped_mm_kernel_available",
     "fuse_experts",
+    "release_fused_experts",
     "set_moe_implementation",
     "moe_implementation",
     "load_balancing_loss",
@@ -355,6 +356,17 @@ class SkyMoESparseBlock(nn.Module):
         kernel = grouped_mm_kernel_available(gate_up.device, gate_up.dtype)
         self._fused = FusedExperts(gate_up=gate_up, down=down, pointers=pointers, kernel=kernel)
         return True
+
+
+def release_fused_experts(model: nn.Module) -> None:
+    """Drop every MoE block's stacked tensors (e.g. before quantizing the experts in place).
+
+    The expert weights stay views of the stacks' storage until they are replaced; once every
+    expert Linear of a block is replaced, its stack's memory is freed.
+    """
+    for block in model.modules():
+        if isinstance(block, SkyMoESparseBlock):
+            block._fused = None
 
 
 def fuse_experts(model: nn.Module) -> int:
