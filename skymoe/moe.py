@@ -159,9 +159,10 @@ class SkyMoESparseBlock(nn.Module):
     * ``"grouped"``: the same sorted tokens and stacked weights, one matmul per non-empty
       expert group (group sizes read on the host once per layer): the prefill path where the
       ``_grouped_mm`` kernel is missing (CPU, pre-Hopper GPUs).
-    * ``"auto"`` (default): ``grouped_mm`` (Hopper, bf16) or ``grouped`` when the experts are
-      fused and autograd is off; else ``masked`` on CUDA for at most :data:`MASKED_MAX_TOKENS`
-      tokens without autograd (quantized / LoRA experts decoding); else ``loop``.
+    * ``"auto"`` (default), without autograd: ``grouped_mm`` when the experts are fused and the
+      kernel exists (Hopper, bf16); else ``masked`` on CUDA for at most :data:`MASKED_MAX_TOKENS`
+      tokens (decoding of quantized / LoRA experts, or pre-Hopper GPUs); else ``grouped`` when
+      fused, ``loop`` otherwise. With autograd: ``loop``.
 
     The grouped paths need :meth:`fuse_experts` (plain bias-free ``nn.Linear`` experts) and no autograd.
     """
@@ -194,13 +195,16 @@ class SkyMoESparseBlock(nn.Module):
     def resolved_implementation(self, num_tokens: int, device: torch.device, dtype: torch.dtype) -> str:
         """The implementation :meth:`forward` uses for ``num_tokens`` tokens of ``dtype`` on ``device``
         (resolves ``"auto"``)."""
-        grad = torch.is_grad_enabled()
-        if self.implementation == "auto" and not grad and self.is_fused():
-            return "grouped_mm" if self._fused.kernel and dtype == self._fused.gate_up.dtype else "grouped"
-        if self.implementation == "auto":
-            small_cuda = device.type == "cuda" and num_tokens <= MASKED_MAX_TOKENS
-            return "masked" if small_cuda and not grad else "loop"
-        return self.implementation
+        if self.implementation != "auto":
+            return self.implementation
+        if torch.is_grad_enabled():
+            return "loop"
+        fused = self.is_fused()
+        if fused and self._fused.kernel and dtype == self._fused.gate_up.dtype:
+            return "grouped_mm"
+        if device.type == "cuda" and num_tokens <= MASKED_MAX_TOKENS:
+            return "masked"  # no host sync where the grouped_mm kernel is missing or experts are not plain
+        return "grouped" if fused else "loop"
 
     def _mix_experts(self, flat: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         """Dispatch to the implementation (see the class docstring); ``(tokens, D)`` -> ``(tokens, D)``."""

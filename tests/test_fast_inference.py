@@ -70,7 +70,7 @@ def test_every_moe_implementation_computes_the_loop_result(dtype):
     assert ref.abs().max() > 0.01
 
 
-def test_fusing_makes_expert_weights_views_of_one_stack_without_changing_anything_else():
+def test_fusing_makes_expert_weights_views_of_one_stack_without_changing_anything_else(tmp_path):
     model = skymoe.SkyMoEForConditionalGeneration(tiny_config()).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params_before = [id(p) for p in model.parameters()]
@@ -83,6 +83,9 @@ def test_fusing_makes_expert_weights_views_of_one_stack_without_changing_anythin
     assert [id(p) for p in model.parameters()] == params_before  # optimizers keep valid references
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    model.save_pretrained(tmp_path)  # views of one storage still save as separate safetensors weights
+    reloaded = skymoe.SkyMoEForConditionalGeneration.from_pretrained(tmp_path).state_dict()
+    assert reloaded.keys() == before.keys() and all(torch.equal(reloaded[k], before[k]) for k in before)
     with torch.no_grad():  # an in-place update of an expert weight is seen by the stacked path
         block.experts[0].down_proj.weight.mul_(2.0)
     assert torch.equal(block._fused.down[0], block.experts[0].down_proj.weight)
@@ -145,6 +148,19 @@ def test_a_whole_decoding_step_traces_without_graph_breaks_on_the_sync_free_path
         with pytest.raises(Exception, match="(?i)data-dependent|tolist|graph break"):
             torch.compile(block, fullgraph=True, backend="eager")(x)
     torch._dynamo.reset()
+
+
+def test_auto_picks_a_sync_free_path_for_decoding_on_cuda():
+    block = SkyMoESparseBlock(tiny_config(), layer_idx=1).eval()
+    cuda, cpu, bf16 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16
+    with torch.no_grad():
+        assert block.resolved_implementation(1, cpu, bf16) == "loop"  # not fused: the plain path
+        assert block.resolved_implementation(1, cuda, bf16) == "masked"  # quantized-like experts decoding on CUDA
+        block.fuse_experts()  # CPU weights: no grouped_mm kernel
+        assert block.resolved_implementation(4096, cpu, bf16) == "grouped"
+        assert block.resolved_implementation(8, cuda, bf16) == "masked"  # kernel missing: still no host sync
+        assert block.resolved_implementation(4096, cuda, bf16) == "grouped"
+    assert block.resolved_implementation(1, cuda, bf16) == "loop"  # autograd on: training uses the plain path
 
 
 def test_unknown_moe_implementation_is_refused():
