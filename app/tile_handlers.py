@@ -14,7 +14,6 @@ import numpy as np
 import rasterio
 import skymoe
 from PIL import Image
-from skymoe.prefix import TilePrefix
 from tiling.reading import read_tile
 
 from app.errors import user_facing
@@ -59,7 +58,7 @@ def _chat_context(session: Session, tile: Any, image: np.ndarray, loaded: Any) -
     if (ctx is not None and ctx.tile_id == tile.tile_id and ctx.grid_key == session.map.grid_key
             and ctx.prefix.model is loaded.model):
         return ctx
-    return ChatContext(tile.tile_id, session.map.grid_key, TilePrefix(loaded.model, loaded.processor, [image]))
+    return ChatContext(tile.tile_id, session.map.grid_key, skymoe.TilePrefix(loaded.model, loaded.processor, [image]))
 
 
 @user_facing("answering the question")

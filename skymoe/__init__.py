@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 from .configuration import SkyMoEConfig
 from .conversion import convert_llava
 from .errors import CheckpointError, SkyMoEConfigError, SkyMoEError, SkyMoELoadWarning
-from .generation import Generation, generate
+from .generation import Generation, fast_inference_enabled, generate, set_fast_inference
 from .loading import LoadedModel, load_model
 from .modeling import (
     SkyMoECausalLMOutputWithPast,
@@ -20,6 +20,7 @@ from .modeling import (
 )
 from .moe import RouterOutput, SkyMoERouter, SkyMoESparseBlock, load_balancing_loss
 from .parsing import Box, ParsedAnswer, parse_answer
+from .prefix import TilePrefix
 from .presets import full_size_config, make_tiny_checkpoint, tiny_config
 from .processing import SkyMoEProcessor, to_rgb_image
 from .routing import LayerRouting, RoutingTrace, capture_routing
@@ -65,6 +66,9 @@ __all__ = [
     "load_model",
     "generate",
     "Generation",
+    "set_fast_inference",
+    "fast_inference_enabled",
+    "TilePrefix",
     "capture_routing",
     "RoutingTrace",
     "LayerRouting",
