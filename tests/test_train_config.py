@@ -98,3 +98,18 @@ def test_dict_fields_are_checked(tmp_path):
         config_from_dict(Quota, {"turns": {"OC": "many"}}, source="x.yaml")
     with pytest.raises(ConfigError, match="turns must be a mapping"):
         config_from_dict(Quota, {"turns": [1]}, source="x.yaml")
+
+
+def test_bare_dict_and_list_fields_accept_their_type_and_refuse_others():
+    import dataclasses
+
+    from train.config import ConfigError, config_from_dict
+
+    @dataclasses.dataclass
+    class Loose:
+        table: dict = dataclasses.field(default_factory=dict)
+        items: list = dataclasses.field(default_factory=list)
+
+    assert config_from_dict(Loose, {"table": {"a": 1}, "items": [1, "x"]}) == Loose({"a": 1}, [1, "x"])
+    with pytest.raises(ConfigError, match="table must be dict"):
+        config_from_dict(Loose, {"table": [1]})

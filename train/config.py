@@ -304,7 +304,7 @@ def _coerce_scalar(tp: Any, value: Any, key: str, source: str) -> Any:
             pass
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
-    if tp in (str, bool) and isinstance(value, tp):
+    if tp in (str, bool, dict, list) and isinstance(value, tp):  # bare dict/list: contents unchecked
         return value
     raise ConfigError(f"{source}: {key} must be {tp.__name__}, got {_describe(value)}")
 

@@ -109,7 +109,7 @@ class DemoModel:
 
 @dataclass
 class TurnQuota:
-    """Turns per task code packed into one conversation (``train.config`` reads no dict types)."""
+    """Turns per task code packed into one conversation (one typed field per task code)."""
 
     SC: int = 1
     IC: int = 1
