@@ -140,3 +140,26 @@ def test_phase_stops_at_a_chunk_boundary_when_the_machine_is_slower_than_measure
     assert report.steps_planned == 18  # 0.9 * 0.02 s / 0.001 s
     assert report.steps_done == 3  # chunks are at most a sixth of the plan; the first one already overran
     assert len(report.quick_eval) == 1
+
+
+def test_position_codes_make_neighbours_similar_and_stay_trainable():
+    """init_position_codes: patch positions and grid tokens start as smooth codes of where they are."""
+    from train.demo import build_demo_model, sincos_codes
+
+    codes = sincos_codes(torch.arange(101), 64, 4.0, 400.0)
+    assert codes.shape == (101, 64) and codes.abs().max() <= 1.0
+    texts = [skymoe.render_conversation([("<image>\nWhere is the car?", "{<10><20><30><40>|<0>}")],
+                                        add_generation_prompt=False)] * 4
+    tokenizer = skymoe.build_tokenizer(texts, vocab_size=300)
+    model, _ = build_demo_model(TINY_MODEL, tokenizer, seed=0)
+    cos = torch.nn.functional.cosine_similarity
+    rows = model.get_output_embeddings().weight
+    ids = tokenizer.convert_tokens_to_ids(["<40>", "<41>", "<90>"])
+    assert cos(rows[ids[0]], rows[ids[1]], dim=0) > cos(rows[ids[0]], rows[ids[2]], dim=0) + 0.3
+    emb = model.get_input_embeddings().weight
+    assert torch.equal(emb[ids], rows[ids])
+    patches = model.model.vision_tower.embeddings.position_embedding.weight
+    side = TINY_MODEL.image_size // TINY_MODEL.patch_size
+    assert patches.shape[0] == side * side + 1 and torch.count_nonzero(patches[0]) == 0
+    assert patches[1:].abs().max() <= 0.5 and patches[1:].std() > 0.2  # ~25x CLIP's default std 0.02
+    assert patches.requires_grad and rows.requires_grad
