@@ -3,7 +3,7 @@
 Prints (medians of --repeats alternating runs, wall and CPU seconds; the machine may be shared):
   (1) scene count of one class: ``tiling.analyze(task="count")`` plain vs fast, tiles/s;
   (2) scene count of several classes (--classes): plain = one ``tiling.analyze`` per class; fast =
-      each batch of tiles encoded once (``skymoe.prefix.TilePrefix``), every class asked of it;
+      ``tiling.analyze_queries`` (each batch of tiles encoded once, every class asked of it);
   (3) chat: a first question on an unseen tile vs a second question on the same tile
       (prefix and first turn reused), and the second question without reuse (all re-encoded);
   (4) where one batch's time goes (processor, vision tower, LLM prefill, decoding), which
@@ -113,31 +113,25 @@ def _tile_batches(raster, aoi, batch_size: int):
 
 
 def scene_multi(raster, aoi, loaded, classes: list[str], args) -> dict:
-    """(2) several classes: one analyze per class (plain) vs one prefix per batch, every class asked (fast)."""
-    import skymoe
+    """(2) several classes: one ``tiling.analyze`` per class (plain) vs ``tiling.analyze_queries``
+    (each batch of tiles read and encoded once, every class asked of it; fast path)."""
     import tiling
     from skymoe.generation import set_fast_inference
-    from skymoe.prefix import TilePrefix
 
-    prompts = {c: skymoe.build_prompt("count", c) for c in classes}
+    options = dict(model=loaded, aoi=aoi, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+
+    def answers(results):
+        return {(c, a.tile_id): a.text for c, r in results.items() for a in r.tile_answers}
 
     def plain():
         set_fast_inference(loaded.model, False)
         try:
-            results = {c: tiling.analyze(raster, "count", c, model=loaded, aoi=aoi, batch_size=args.batch_size,
-                                         max_new_tokens=args.max_new_tokens) for c in classes}
+            return answers({c: tiling.analyze(raster, "count", c, **options) for c in classes})
         finally:
             set_fast_inference(loaded.model, True)
-        return {(c, a.tile_id): a.text for c, r in results.items() for a in r.tile_answers}
 
     def fast():
-        answers = {}
-        for tile_ids, images in _tile_batches(raster, aoi, args.batch_size):
-            prefix = TilePrefix(loaded.model, loaded.processor, images, fast=True)
-            for c in classes:
-                for tile_id, gen in zip(tile_ids, prefix.ask(prompts[c], max_new_tokens=args.max_new_tokens)):
-                    answers[(c, tile_id)] = gen.text
-        return answers
+        return answers(tiling.analyze_queries(raster, "count", classes, **options))
 
     figures = alternate({"plain": plain, "fast": fast}, args.repeats)
     figures["same"] = figures["plain"]["result"] == figures["fast"]["result"]

@@ -10,7 +10,8 @@ import rasterio
 
 import skymoe
 from tests.fixtures import make_rasters as mr
-from tiling import analyze, iter_analyze, make_grid, open_raster
+from tiling import analyze, analyze_queries, iter_analyze, iter_analyze_queries, make_grid, open_raster
+from tiling.errors import ParameterError
 from tiling.cli import main
 from tiling.merge import box_valid_share
 
@@ -75,3 +76,47 @@ def test_cli_end_to_end_writes_geojson(tmp_path, tiny, capsys):
     printed = capsys.readouterr().out
     assert code == 0 and out.exists()
     assert "small vehicle" in printed and "6 run" in printed
+
+    code = main(["analyze", str(path), "--task", "count", "--query", "small vehicle", "--query", "ship",
+                 "--model", str(tiny[0]), "--quant", "none", "--device", "cpu", "--tile", "128", "--overlap", "0",
+                 "--max-new-tokens", str(MAX_NEW_TOKENS), "--out", str(tmp_path / "many.csv")])
+    printed = capsys.readouterr().out
+    assert code == 0 and (tmp_path / "many_small_vehicle.csv").exists() and (tmp_path / "many_ship.csv").exists()
+    assert "task     count (small vehicle)" in printed and "task     count (ship)" in printed
+
+
+def test_several_queries_in_one_pass_equal_one_run_per_query_and_encode_each_tile_once(tmp_path, tiny):
+    path = mr.make_rgb(tmp_path / "r.tif", 700, 300)
+    kwargs = dict(model=tiny[1], tile=128, overlap=16, batch_size=4, max_new_tokens=MAX_NEW_TOKENS)
+    queries = ["small vehicle", "ship", "storage tank"]
+    vision_calls = []
+    hook = tiny[1].model.model.vision_tower.register_forward_hook(lambda m, i, o: vision_calls.append(i[0].shape[0]))
+    try:
+        together = analyze_queries(path, "count", queries, **kwargs)
+    finally:
+        hook.remove()
+    tiles = len(make_grid(open_raster(path), tile=128, overlap=16).tiles)
+    assert sum(vision_calls) == tiles  # every tile's image encoded once for the three queries
+    assert list(together) == queries
+    for query in queries:
+        alone = analyze(path, "count", query, **kwargs)
+        both = together[query]
+        assert [a.text for a in both.tile_answers] == [a.text for a in alone.tile_answers]
+        assert both.counts == alone.counts and both.scene_answer == alone.scene_answer
+        assert both.query == query and both.tiles_done == alone.tiles_done == tiles
+        assert both.detections.drop(columns="geometry").equals(alone.detections.drop(columns="geometry"))
+    streamed = list(iter_analyze_queries(path, "ground", ["the red car", "the ship"], **kwargs))
+    assert all(list(update) == ["the red car", "the ship"] for update in streamed)
+    assert streamed[-1]["the ship"].tiles_done == tiles
+
+
+@pytest.mark.parametrize(("task", "queries", "message"), [
+    ("count", [], "no query"),
+    ("count", ["car", " car"], "repeated"),
+    ("count", "car", "list of strings"),
+    ("caption", ["x"], "takes no query"),
+    ("count", ["car", ""], "cannot build"),
+])
+def test_bad_query_lists_fail_before_reading(tmp_path, tiny, task, queries, message):
+    with pytest.raises(ParameterError, match=message):
+        analyze_queries(tmp_path / "absent.tif", task, queries, model=tiny[1])

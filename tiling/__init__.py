@@ -3,7 +3,15 @@
 leafmap (``tiling.notebook``) is optional and not imported here.
 """
 
-from tiling.analysis import AnalysisUpdate, SceneResult, TileAnswer, analyze, iter_analyze
+from tiling.analysis import (
+    AnalysisUpdate,
+    SceneResult,
+    TileAnswer,
+    analyze,
+    analyze_queries,
+    iter_analyze,
+    iter_analyze_queries,
+)
 from tiling.aoi import AOI, aoi_to_pixels, parse_aoi_text
 from tiling.errors import (
     AOIError,
@@ -48,11 +56,13 @@ __all__ = [
     "TilingError",
     "Units",
     "analyze",
+    "analyze_queries",
     "aoi_to_pixels",
     "export",
     "export_html_map",
     "grid_geojson",
     "iter_analyze",
+    "iter_analyze_queries",
     "iter_tile_batches",
     "make_grid",
     "nms",

@@ -14,6 +14,12 @@ answer only an integer contribute that integer weighted by the share of the
 tile they own (:func:`tiling.merge.ownership_weighted_count`), so overlaps are
 not counted twice. ``counts[query] = merged boxes + round(weighted integers)``.
 For ``classify`` and ``vqa`` ``counts`` holds the number of tiles per answer.
+
+Several queries of one task (counting several classes, grounding several expressions, several
+questions) run in one pass with :func:`analyze_queries`: each batch of tiles is read once and its
+image prefix encoded once (:class:`skymoe.TilePrefix`), then every query is asked of it, so a
+further query costs only its own text and answer, not the 324-1296 image tokens again. The
+results equal one :func:`analyze` per query (same greedy answers).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +54,8 @@ __all__ = [
     "AnalysisUpdate",
     "iter_analyze",
     "analyze",
+    "iter_analyze_queries",
+    "analyze_queries",
 ]
 
 logger = logging.getLogger(__name__)
@@ -207,9 +215,10 @@ def iter_analyze(
         ParameterError: Unknown task, missing query or model, bad batch size.
         TilingError: Raster, AOI or grid errors (see :func:`open_raster`, :func:`make_grid`).
     """
-    run, prompt = _prepare(raster_or_path, task, query, model, aoi, tile, overlap, batch_size, bands, stretch,
-                           pixel_mode, max_nodata, units)
-    yield from _iterate(run, model, prompt, batch_size, max_new_tokens, iou_threshold, progress)
+    runs, prompts = _prepare(raster_or_path, task, [query], model, aoi, tile, overlap, batch_size, bands, stretch,
+                             pixel_mode, max_nodata, units)
+    for updates in _iterate(runs, model, prompts, batch_size, max_new_tokens, iou_threshold, progress):
+        yield updates[0]
 
 
 def analyze(
@@ -235,50 +244,147 @@ def analyze(
     Arguments and errors as :func:`iter_analyze`; with no tile to run (all
     nodata), the result is empty.
     """
-    run, prompt = _prepare(raster_or_path, task, query, model, aoi, tile, overlap, batch_size, bands, stretch,
-                           pixel_mode, max_nodata, units)
+    runs, prompts = _prepare(raster_or_path, task, [query], model, aoi, tile, overlap, batch_size, bands, stretch,
+                             pixel_mode, max_nodata, units)
     last = None
-    for last in _iterate(run, model, prompt, batch_size, max_new_tokens, iou_threshold, progress):
+    for last in _iterate(runs, model, prompts, batch_size, max_new_tokens, iou_threshold, progress):
         pass
-    return last.result_so_far if last is not None else _result(run, 0, iou_threshold)[0]
+    return last[0].result_so_far if last is not None else _result(runs[0], 0, iou_threshold)[0]
 
 
-def _prepare(raster_or_path, task, query, model, aoi, tile, overlap, batch_size, bands, stretch, pixel_mode,
-             max_nodata, units) -> tuple[_Run, str]:
-    """Validate, open the raster and cut the grid; returns the run state and the prompt."""
+def iter_analyze_queries(
+    raster_or_path: Raster | str | Path,
+    task: str,
+    queries: Sequence[str],
+    model: Any = None,
+    aoi: Any = None,
+    tile: int = 504,
+    overlap: int = 64,
+    batch_size: int = 8,
+    progress: ProgressFn | None = None,
+    bands: Any = None,
+    stretch: tuple[float, float] | None = (2, 98),
+    pixel_mode: bool = False,
+    max_new_tokens: int = 64,
+    max_nodata: float = 0.9,
+    iou_threshold: float = 0.5,
+    units: Units | str = Units.PIXELS,
+) -> Iterator[dict[str, AnalysisUpdate]]:
+    """Run several queries of ``task`` in one pass, yielding each query's progress after each batch.
+
+    Every batch of tiles is read once and its image prefix encoded once; each query is then
+    asked of it (module docstring). Arguments as :func:`iter_analyze`, with ``queries`` the
+    classes to count, expressions to ground or questions (distinct, non-empty).
+
+    Yields:
+        ``{query: AnalysisUpdate}`` per batch, in the order of ``queries``.
+
+    Raises:
+        ParameterError: As :func:`iter_analyze`; also no query, a repeated query, or a task
+            that takes no query (caption, classify: one :func:`analyze` answers them).
+    """
+    queries = _check_queries(task, queries)
+    runs, prompts = _prepare(raster_or_path, task, queries, model, aoi, tile, overlap, batch_size, bands, stretch,
+                             pixel_mode, max_nodata, units)
+    for updates in _iterate(runs, model, prompts, batch_size, max_new_tokens, iou_threshold, progress):
+        yield dict(zip(queries, updates))
+
+
+def analyze_queries(
+    raster_or_path: Raster | str | Path,
+    task: str,
+    queries: Sequence[str],
+    model: Any = None,
+    aoi: Any = None,
+    tile: int = 504,
+    overlap: int = 64,
+    batch_size: int = 8,
+    progress: ProgressFn | None = None,
+    bands: Any = None,
+    stretch: tuple[float, float] | None = (2, 98),
+    pixel_mode: bool = False,
+    max_new_tokens: int = 64,
+    max_nodata: float = 0.9,
+    iou_threshold: float = 0.5,
+    units: Units | str = Units.PIXELS,
+) -> dict[str, SceneResult]:
+    """Several queries of ``task`` in one pass; returns ``{query: SceneResult}``.
+
+    Each result equals :func:`analyze` with that query. Arguments and errors as
+    :func:`iter_analyze_queries`.
+    """
+    queries = _check_queries(task, queries)
+    runs, prompts = _prepare(raster_or_path, task, queries, model, aoi, tile, overlap, batch_size, bands, stretch,
+                             pixel_mode, max_nodata, units)
+    last = None
+    for last in _iterate(runs, model, prompts, batch_size, max_new_tokens, iou_threshold, progress):
+        pass
+    if last is None:
+        return {q: _result(run, 0, iou_threshold)[0] for q, run in zip(queries, runs)}
+    return {q: update.result_so_far for q, update in zip(queries, last)}
+
+
+def _check_queries(task: str, queries: Sequence[str]) -> list[str]:
+    """The queries of a multi-query run, validated (see :func:`iter_analyze_queries`)."""
+    if isinstance(queries, str):
+        raise ParameterError(f"queries must be a list of strings, got the string {queries!r}: wrap it in a list")
+    queries = [q.strip() if isinstance(q, str) else q for q in queries]
+    if not queries:
+        raise ParameterError("no query given: pass at least one class, expression or question")
+    if task in ("caption", "classify"):
+        raise ParameterError(f"the {task} task takes no query; use analyze(raster, {task!r}, model=...)")
+    repeated = sorted({q for q in queries if queries.count(q) > 1})
+    if repeated:
+        raise ParameterError(f"repeated queries {repeated}: give each class, expression or question once")
+    return queries
+
+
+def _prepare(raster_or_path, task, queries, model, aoi, tile, overlap, batch_size, bands, stretch, pixel_mode,
+             max_nodata, units) -> tuple[list[_Run], list[str]]:
+    """Validate, open the raster and cut the grid once; returns one run state and prompt per query."""
     start = time.perf_counter()
-    prompt = _check_request(task, query, model, batch_size)
+    prompts = [_check_request(task, query, model, batch_size) for query in queries]
     raster = raster_or_path if isinstance(raster_or_path, Raster) else open_raster(
         raster_or_path, bands=bands, stretch=stretch, pixel_mode=pixel_mode)
     opened = time.perf_counter()
     grid = make_grid(raster, tile=tile, overlap=overlap, aoi=aoi, max_nodata=max_nodata, units=units)
-    run = _Run(raster, grid, task, query, started=start)
-    run.timings["open"] = opened - start
-    run.timings["grid"] = time.perf_counter() - opened
-    return run, prompt
+    runs = [_Run(raster, grid, task, query, started=start) for query in queries]
+    for run in runs:
+        run.timings["open"] = opened - start
+        run.timings["grid"] = time.perf_counter() - opened
+    return runs, prompts
 
 
-def _iterate(run: _Run, model: Any, prompt: str, batch_size: int, max_new_tokens: int, iou_threshold: float,
-             progress: ProgressFn | None) -> Iterator[AnalysisUpdate]:
-    """The batch loop of :func:`iter_analyze` (stops the reader when closed)."""
-    done, total = 0, len(run.grid.tiles)
-    batches = iter_tile_batches(run.raster, run.grid.tiles, batch_size=batch_size)
+def _iterate(runs: list[_Run], model: Any, prompts: list[str], batch_size: int, max_new_tokens: int,
+             iou_threshold: float, progress: ProgressFn | None) -> Iterator[list[AnalysisUpdate]]:
+    """The batch loop shared by every query (stops the reader when closed); one update per run.
+
+    The reader, the wait for tiles and the model time are shared: each run's ``timings`` holds
+    the pass's figures, its ``merge`` only its own merging.
+    """
+    done, total = 0, len(runs[0].grid.tiles)
+    batches = iter_tile_batches(runs[0].raster, runs[0].grid.tiles, batch_size=batch_size)
+    shared = dict.fromkeys(("read", "wait", "model"), 0.0)
     try:
         while True:
             waited = time.perf_counter()
             batch = next(batches, None)
-            run.timings["wait"] += time.perf_counter() - waited
+            shared["wait"] += time.perf_counter() - waited
             if batch is None:
                 return
-            run.timings["read"] += batch.read_s
-            before = len(run.detections)
-            _run_batch(run, batch, model, prompt, max_new_tokens, batch_size)
+            shared["read"] += batch.read_s
+            before = [len(run.detections) for run in runs]
+            shared["model"] += _run_batch(runs, batch, model, prompts, max_new_tokens, batch_size)
             done += len(batch.tiles)
-            run.timings["total"] = time.perf_counter() - run.started
-            result, kept = _result(run, done, iou_threshold)
+            updates = []
+            for run, first_new in zip(runs, before):
+                run.timings.update(shared, total=time.perf_counter() - run.started)
+                result, kept = _result(run, done, iou_threshold)
+                updates.append(AnalysisUpdate(done, total, kept[kept["_index"] >= first_new].drop(columns="_index"),
+                                              result))
             if progress is not None:
                 progress(done, total)
-            yield AnalysisUpdate(done, total, kept[kept["_index"] >= before].drop(columns="_index"), result)
+            yield updates
     finally:
         batches.close()
 
@@ -297,21 +403,32 @@ def _check_request(task: str, query: str | None, model: Any, batch_size: int) ->
         raise ParameterError(f"cannot build the {task} prompt: {exc}") from exc
 
 
-def _run_batch(run: _Run, batch: TileBatch, model: Any, prompt: str, max_new_tokens: int,
-               batch_size: int) -> None:
-    """Send the batch's non-empty tiles to the model and record their answers."""
+def _run_batch(runs: list[_Run], batch: TileBatch, model: Any, prompts: list[str], max_new_tokens: int,
+               batch_size: int) -> float:
+    """Send the batch's non-empty tiles to the model, record every run's answers; returns model seconds.
+
+    One query: one batched :func:`skymoe.generate`. Several: the tiles' image prefix is encoded
+    once (:class:`skymoe.TilePrefix`) and each query asked of it.
+    """
     has_data = batch.valid.any(axis=(1, 2))  # (batch,)
-    run.skipped_empty += int((~has_data).sum())
+    for run in runs:
+        run.skipped_empty += int((~has_data).sum())
     picked = np.flatnonzero(has_data)
     if picked.size == 0:
-        return
+        return 0.0
     started = time.perf_counter()
     images = [batch.images[i] for i in picked]  # (tile, tile, 3) uint8 each
-    generations = skymoe.generate(model.model, model.processor, images, [prompt] * len(images),
-                           max_new_tokens=max_new_tokens, batch_size=batch_size)
-    run.timings["model"] += time.perf_counter() - started
-    for i, gen in zip(picked, generations):
-        _record(run, batch.tiles[i], batch.valid[i], gen.text, float(gen.confidence))
+    if len(runs) == 1:
+        answers = [skymoe.generate(model.model, model.processor, images, [prompts[0]] * len(images),
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size)]
+    else:
+        prefix = skymoe.TilePrefix(model.model, model.processor, images)
+        answers = [prefix.ask(prompt, max_new_tokens=max_new_tokens) for prompt in prompts]
+    seconds = time.perf_counter() - started
+    for run, generations in zip(runs, answers):
+        for i, gen in zip(picked, generations):
+            _record(run, batch.tiles[i], batch.valid[i], gen.text, float(gen.confidence))
+    return seconds
 
 
 def _record(run: _Run, tile: Tile, valid: np.ndarray, text: str, confidence: float) -> None:

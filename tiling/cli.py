@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("analyze", help="analyse a raster and print/export georeferenced answers")
     run.add_argument("raster", type=Path, help="GeoTIFF / VRT / any GDAL raster")
     run.add_argument("--task", choices=TASK_CHOICES, default="count")
-    run.add_argument("--query", help="class to count, expression to ground, or question (vqa)")
+    run.add_argument("--query", action="append",
+                     help="class to count, expression to ground, or question (vqa); repeat it to run several in one "
+                          "pass (each tile read and encoded once), e.g. --query car --query truck")
     run.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model folder (default {DEFAULT_MODEL})")
     run.add_argument("--quant", choices=("4bit", "8bit", "none"), default="4bit")
     run.add_argument("--device", default="auto")
@@ -44,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overlap", type=int, default=64)
     run.add_argument("--batch-size", type=int, default=8)
     run.add_argument("--max-new-tokens", type=int, default=64)
-    run.add_argument("--out", type=Path, help="write results: .geojson, .gpkg, .csv or .html")
+    run.add_argument("--out", type=Path, help="write results: .geojson, .gpkg, .csv or .html; with several --query, "
+                                              "one file per query: NAME_<query>.EXT")
     run.add_argument("--pixel-mode", action="store_true", help="accept a raster without CRS; output in pixels")
     run.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -103,29 +106,41 @@ def _run(args: argparse.Namespace) -> int:
     """The ``analyze`` command."""
     from tqdm import tqdm
 
-    from tiling.analysis import iter_analyze
+    from tiling.analysis import iter_analyze, iter_analyze_queries
     from tiling.raster import open_raster
 
     raster = open_raster(args.raster, bands=_bands(args.bands), stretch=_stretch(args.stretch),
                          pixel_mode=args.pixel_mode)
     aoi = _aoi(args.aoi)
     loaded = _load(args)
-    update = None
+    queries = args.query or [None]
+    options = dict(model=loaded, aoi=aoi, tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
+                   max_new_tokens=args.max_new_tokens)
+    if len(queries) == 1:
+        updates = ({queries[0]: u} for u in iter_analyze(raster, args.task, queries[0], **options))
+    else:
+        updates = iter_analyze_queries(raster, args.task, queries, **options)
+    last = None
     with tqdm(desc="tiles", unit="tile") as bar:
-        for update in iter_analyze(raster, args.task, args.query, model=loaded, aoi=aoi, tile=args.tile,
-                                   overlap=args.overlap, batch_size=args.batch_size,
-                                   max_new_tokens=args.max_new_tokens):
-            bar.total = update.tiles_total
-            bar.update(update.tiles_done - bar.n)
-    if update is None:
+        for last in updates:
+            first = next(iter(last.values()))
+            bar.total = first.tiles_total
+            bar.update(first.tiles_done - bar.n)
+    if last is None:
         print("No tile to analyse: every tile is nodata or outside the AOI.")
         return 0
-    result = update.result_so_far
-    _print_summary(raster, result)
-    if args.out is not None:
-        _write(result, raster, args.out)
-        print(f"wrote {args.out}")
+    for query, update in last.items():
+        _print_summary(raster, update.result_so_far)
+        if args.out is not None:
+            out = args.out if len(last) == 1 else args.out.with_name(f"{args.out.stem}_{_slug(query)}{args.out.suffix}")
+            _write(update.result_so_far, raster, out)
+            print(f"wrote {out}")
     return 0
+
+
+def _slug(query: str) -> str:
+    """A file-name-safe form of a query (``"small vehicle"`` -> ``"small_vehicle"``)."""
+    return "".join(c if c.isalnum() else "_" for c in query.lower()).strip("_")[:60] or "query"
 
 
 def _write(result: Any, raster: Any, out: Path) -> None:
