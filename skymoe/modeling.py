@@ -207,18 +207,23 @@ class SkyMoEForConditionalGeneration(SkyMoEPreTrainedModel, LlavaForConditionalG
         )
 
     def _checked_task_ids(self, task_ids: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
-        """Validate ``task_ids``: shape ``(batch,)``, integers in ``[-1, num_tasks)``."""
+        """Validate ``task_ids``: shape ``(batch,)``, integers in ``[-1, num_tasks)``.
+
+        The value check must not sync with the host on an accelerator or inside a compiled graph
+        (it runs at every decoding step): there it is an asynchronous device assert; on eager CPU
+        tensors it raises a ValueError naming the bad ids.
+        """
         if task_ids is None:
             return None
         task_ids = torch.as_tensor(task_ids, dtype=torch.long)
         if task_ids.ndim != 1 or task_ids.shape[0] != batch_size:
             raise ValueError(f"task_ids must have shape (batch,) = ({batch_size},), got {tuple(task_ids.shape)}")
-        bad = task_ids[(task_ids < -1) | (task_ids >= self.config.num_tasks)]
-        if bad.numel():
-            raise ValueError(
-                f"task_ids {bad.tolist()} out of range: use -1 (unknown) or 0..{self.config.num_tasks - 1} "
-                "(the index in skymoe.TASK_IDS)"
-            )
+        out_of_range = (task_ids < -1) | (task_ids >= self.config.num_tasks)
+        message = f"task_ids out of range: use -1 (unknown) or 0..{self.config.num_tasks - 1} (the index in skymoe.TASK_IDS)"
+        if torch.compiler.is_compiling() or task_ids.device.type != "cpu":
+            torch._assert_async(~out_of_range.any(), message)
+        elif out_of_range.any():
+            raise ValueError(f"{message}; got {task_ids[out_of_range].tolist()}")
         return task_ids
 
     def _aux_loss(self, routing: dict, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -118,19 +118,23 @@ def test_lora_applied_after_fusing_is_not_bypassed():
         block(x)
 
 
-def test_a_whole_decoding_step_traces_without_graph_breaks_on_the_sync_free_paths():
+@pytest.mark.parametrize("router_mode", ["token", "task"])
+def test_a_whole_decoding_step_traces_without_graph_breaks_on_the_sync_free_paths(router_mode):
     """Capturable for CUDA graphs: a static-cache decoding step of the whole model traces as ONE graph
-    (fullgraph=True raises on any .tolist()/.item()/nonzero()) with the grouped_mm MoE path."""
+    (fullgraph=True raises on any .tolist()/.item()/nonzero()) with the grouped_mm MoE path; with the
+    task router too (its task-id check is a device assert, not a host round trip)."""
     torch.manual_seed(0)
-    model = skymoe.SkyMoEForConditionalGeneration(tiny_config()).eval().to(torch.bfloat16)  # the CUDA kernel's dtype
+    model = skymoe.SkyMoEForConditionalGeneration(tiny_config(router_mode=router_mode)).eval().to(torch.bfloat16)
     fuse_experts(model)
     prompt = torch.randint(5, 400, (1, 10))
+    extra = {"task_ids": torch.tensor([3])} if router_mode == "task" else {}
 
     def decoding_step(forward) -> torch.Tensor:
         cache = StaticCache(config=model.config, max_cache_len=16)
-        model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(10))
+        model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(10), **extra)
         return forward(input_ids=torch.tensor([[7]]), past_key_values=cache, cache_position=torch.tensor([10]),
-                       position_ids=torch.tensor([[10]]), attention_mask=torch.ones(1, 11, dtype=torch.long)).logits
+                       position_ids=torch.tensor([[10]]), attention_mask=torch.ones(1, 11, dtype=torch.long),
+                       **extra).logits
 
     with torch.no_grad():
         with moe_implementation(model, "grouped_mm"):
