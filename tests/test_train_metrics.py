@@ -9,6 +9,7 @@ import pytest
 
 from train.metrics import (
     box_iou,
+    set_box_iou,
     caption_scores,
     count_accuracy,
     exact_match_accuracy,
@@ -101,3 +102,16 @@ def test_caption_scores_match_pycocoevalcap_and_hand_values():
     res = {k: [v] for k, v in hyps.items()}
     assert scores["BLEU-4"] == pytest.approx(100 * Bleu(4).compute_score(gts, res, verbose=0)[0][3])
     assert 0 < scores["METEOR"] < 100
+
+
+def test_set_box_iou_single_reference_is_the_first_box_and_sets_pair_one_to_one():
+    a, b, c = (0, 0, 10, 10), (20, 0, 30, 10), (0, 20, 10, 30)
+    half = (0, 0, 10, 5)  # IoU 0.5 with a
+    one = lambda *boxes: [(box, 0.0) for box in boxes]  # noqa: E731
+    assert set_box_iou(one(half, a), one(a)) == pytest.approx(0.5)  # single reference: first box only
+    assert set_box_iou([], one(a)) == 0.0 and set_box_iou(one(a), []) == 0.0
+    assert set_box_iou(one(b, a), one(a, b)) == pytest.approx(1.0)  # order does not matter
+    assert set_box_iou(one(a), one(a, b)) == pytest.approx(0.5)  # a missed box costs
+    assert set_box_iou(one(a, b, c), one(a, b)) == pytest.approx(2 / 3)  # an extra box costs
+    assert set_box_iou(one(a, a), one(a, b)) == pytest.approx(0.5)  # one prediction cannot match twice
+    assert set_box_iou(one(half, b), one(a, b)) == pytest.approx((0.5 + 1.0) / 2)

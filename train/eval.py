@@ -9,7 +9,8 @@ IC    BLEU-4 / METEOR / ROUGE-L (pycocoevalcap); one generation per image and
       prompt, all reference captions of that image pooled
 SC    accuracy, normalised exact match of the class name
 VQA   accuracy, normalised exact match of the short answer
-VG    acc@0.5 / acc@0.7 IoU of the first predicted box with the reference box
+VG    acc@0.5 / acc@0.7 IoU of the first predicted box with the reference box (several reference
+      boxes: one-to-one set IoU, train.metrics.set_box_iou)
 OC    accuracy exact and within +-1
 ====  =====================================================================
 
@@ -38,7 +39,7 @@ from PIL import Image
 import skymoe
 from skymoe.prompts import build_prompt, render_conversation
 from train.dataset import DataError, InstructionRecord, read_instruction_jsonl
-from train.metrics import box_iou, caption_scores, count_accuracy, exact_match_accuracy, grounding_accuracy
+from train.metrics import caption_scores, count_accuracy, exact_match_accuracy, grounding_accuracy, set_box_iou
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
@@ -197,8 +198,7 @@ def _task_metrics(task: str, members: list[SampleResult], tile_sizes: dict) -> d
             size = tile_sizes[m.id]
             pred = skymoe.parse_answer("ground", m.prediction, size).boxes
             ref = skymoe.parse_answer("ground", m.references[0], size).boxes
-            m.score = box_iou(pred[0].xyxy_px, ref[0].xyxy_px, pred[0].angle_deg, ref[0].angle_deg) \
-                if pred and ref else 0.0
+            m.score = set_box_iou([(b.xyxy_px, b.angle_deg) for b in pred], [(b.xyxy_px, b.angle_deg) for b in ref])
             ious.append(m.score)
         return n | grounding_accuracy(ious)
     preds = [skymoe.parse_answer("count", m.prediction, tile_sizes[m.id]).count for m in members]

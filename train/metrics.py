@@ -10,6 +10,10 @@
   digits (``"three"`` -> ``"3"``); whitespace is collapsed.
 - Grounding (VG): IoU of the first predicted box with the reference box;
   acc@0.5 / acc@0.7 = share of samples with IoU >= 0.5 / 0.7 (no box = miss).
+  A reference of several boxes ("every car") is scored as a set
+  (:func:`set_box_iou`): predicted and reference boxes are paired one-to-one,
+  greedily by IoU, and the paired IoUs are summed and divided by the larger of
+  the two box counts, so a missed box and an extra box both cost.
   IoU is of the boxes as regions: touching boxes and zero-area boxes give 0,
   identical boxes 1. Rotated boxes (``angle_deg != 0``) are intersected as polygons.
 - Counting (OC): exact accuracy and accuracy within +-1 (no count read = miss).
@@ -28,6 +32,7 @@ __all__ = [
     "normalize_answer",
     "exact_match_accuracy",
     "box_iou",
+    "set_box_iou",
     "grounding_accuracy",
     "count_accuracy",
     "caption_scores",
@@ -111,6 +116,32 @@ def _polygon_iou(pa, pb) -> float:
     inter = pa.intersection(pb).area
     union = pa.area + pb.area - inter
     return inter / union if union > 0 else 0.0
+
+
+def set_box_iou(predicted: Sequence[tuple[BoxXYXY, float]], reference: Sequence[tuple[BoxXYXY, float]]) -> float:
+    """Score of predicted boxes against a reference of one or more boxes, in [0, 1].
+
+    One reference box: the IoU of the FIRST predicted box (the standard VG rule). Several: boxes
+    are paired one-to-one, the pair with the highest IoU first; the score is the sum of the
+    paired IoUs over ``max(len(predicted), len(reference))``. No predicted box scores 0.
+
+    Args:
+        predicted / reference: ``(box_xyxy, angle_deg)`` pairs in one unit.
+    """
+    if not predicted or not reference:
+        return 0.0
+    if len(reference) == 1:
+        (a, angle_a), (b, angle_b) = predicted[0], reference[0]
+        return box_iou(a, b, angle_a, angle_b)
+    pairs = sorted(((box_iou(p, r, pa, ra), i, j) for i, (p, pa) in enumerate(predicted)
+                    for j, (r, ra) in enumerate(reference)), reverse=True)
+    used_p, used_r, total = set(), set(), 0.0
+    for iou, i, j in pairs:
+        if iou > 0 and i not in used_p and j not in used_r:
+            used_p.add(i)
+            used_r.add(j)
+            total += iou
+    return total / max(len(predicted), len(reference))
 
 
 def grounding_accuracy(ious: Sequence[float], thresholds: Sequence[float] = (0.5, 0.7)) -> dict[str, float]:
