@@ -527,6 +527,8 @@ scenes (`train.synthetic`) and is **not** a remote-sensing model for real imager
 ## Data and recipe
 - {d.scenes} synthetic scenes (seed {cfg.seed}, 9 scene classes, difficulty ramped 0 -> 1), CDA variants
   (count-varying cutout, spatial and colour edits) for every {max(1, round(1 / d.cda_share)) if d.cda_share else 0}th scene.
+- Initialisation: 2-D sine/cosine patch position embeddings (amplitude 0.5) and 1-D sine/cosine
+  codes for the grid tokens' input and output embeddings (`train.demo.init_position_codes`).
 - Instruction samples from `train.instructions`, packed per image into one multi-turn conversation
   (turns per task {asdict(d.turns)}); loss on answer tokens only.
 - Stage "dense": all parameters, scenes of difficulty {d.dense_difficulty[0]}-{d.dense_difficulty[1]}, AdamW lr
