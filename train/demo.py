@@ -458,7 +458,7 @@ def run_phase(name: str, model, processor, train_jsonl: Path, val_records, tcfg:
     The step count is planned from a measured step time (cosine schedule over the plan);
     after every chunk (``chunk_minutes``, at most a sixth of the plan) the loop checkpoints and
     a quick held-out check runs; the phase stops early when the next chunk, at the speed seen
-    so far, would end more than 10 % past ``seconds`` (a shared machine can slow down).
+    so far, would end past ``seconds`` (a shared machine can slow down; the budget is a hard limit).
 
     Args:
         name: phase name (``"dense"`` or ``"moe"``), the loop's folder under ``run_dir``.
@@ -495,7 +495,7 @@ def run_phase(name: str, model, processor, train_jsonl: Path, val_records, tcfg:
                                   "loss": report.final_loss, **quick_eval(model, processor, val_records)})
         elapsed = time.monotonic() - start
         next_chunk_s = min(chunk, total - report.steps_done) * elapsed / report.steps_done
-        if report.steps_done < total and elapsed + next_chunk_s > 1.1 * seconds:
+        if report.steps_done < total and elapsed + next_chunk_s > seconds:
             logger.warning("phase %s: the next chunk would overrun the time share (%.1f of %.1f min used); "
                            "stopping at step %d of %d", name, elapsed / 60, seconds / 60, report.steps_done, total)
             break
