@@ -409,9 +409,12 @@ def moe_implementation(model: nn.Module, implementation: str) -> Iterator[None]:
     Not thread-safe: concurrent calls on one model with different implementations interfere
     (results stay correct, only the path taken changes).
     """
-    blocks = [b for b in model.modules() if isinstance(b, SkyMoESparseBlock)]
+    if implementation not in MOE_IMPLEMENTATIONS:
+        raise ValueError(f"unknown MoE implementation {implementation!r}; choose one of {MOE_IMPLEMENTATIONS}")
+    blocks = [b for b in model.modules() if isinstance(b, SkyMoESparseBlock)]  # one walk: it runs per question
     previous = [b.implementation for b in blocks]
-    set_moe_implementation(model, implementation)
+    for block in blocks:
+        block.implementation = implementation
     try:
         yield
     finally:
