@@ -395,11 +395,15 @@ def set_moe_implementation(model: nn.Module, implementation: str) -> None:
     Raises:
         ValueError: Unknown implementation.
     """
+    _set_implementation([b for b in model.modules() if isinstance(b, SkyMoESparseBlock)], implementation)
+
+
+def _set_implementation(blocks: list[SkyMoESparseBlock], implementation: str) -> None:
+    """Validate ``implementation`` and set it on ``blocks``."""
     if implementation not in MOE_IMPLEMENTATIONS:
         raise ValueError(f"unknown MoE implementation {implementation!r}; choose one of {MOE_IMPLEMENTATIONS}")
-    for block in model.modules():
-        if isinstance(block, SkyMoESparseBlock):
-            block.implementation = implementation
+    for block in blocks:
+        block.implementation = implementation
 
 
 @contextmanager
@@ -409,12 +413,9 @@ def moe_implementation(model: nn.Module, implementation: str) -> Iterator[None]:
     Not thread-safe: concurrent calls on one model with different implementations interfere
     (results stay correct, only the path taken changes).
     """
-    if implementation not in MOE_IMPLEMENTATIONS:
-        raise ValueError(f"unknown MoE implementation {implementation!r}; choose one of {MOE_IMPLEMENTATIONS}")
     blocks = [b for b in model.modules() if isinstance(b, SkyMoESparseBlock)]  # one walk: it runs per question
     previous = [b.implementation for b in blocks]
-    for block in blocks:
-        block.implementation = implementation
+    _set_implementation(blocks, implementation)
     try:
         yield
     finally:

@@ -246,10 +246,7 @@ def analyze(
     """
     runs, prompts = _prepare(raster_or_path, task, [query], model, aoi, tile, overlap, batch_size, bands, stretch,
                              pixel_mode, max_nodata, units)
-    last = None
-    for last in _iterate(runs, model, prompts, batch_size, max_new_tokens, iou_threshold, progress):
-        pass
-    return last[0].result_so_far if last is not None else _result(runs[0], 0, iou_threshold)[0]
+    return _final_results(runs, model, prompts, batch_size, max_new_tokens, iou_threshold, progress)[0]
 
 
 def iter_analyze_queries(
@@ -316,12 +313,18 @@ def analyze_queries(
     queries = _check_queries(task, queries)
     runs, prompts = _prepare(raster_or_path, task, queries, model, aoi, tile, overlap, batch_size, bands, stretch,
                              pixel_mode, max_nodata, units)
+    return dict(zip(queries, _final_results(runs, model, prompts, batch_size, max_new_tokens, iou_threshold, progress)))
+
+
+def _final_results(runs: list[_Run], model: Any, prompts: list[str], batch_size: int, max_new_tokens: int,
+                   iou_threshold: float, progress: ProgressFn | None) -> list[SceneResult]:
+    """Run the whole pass; one final result per run (empty results when no tile was left to run)."""
     last = None
     for last in _iterate(runs, model, prompts, batch_size, max_new_tokens, iou_threshold, progress):
         pass
     if last is None:
-        return {q: _result(run, 0, iou_threshold)[0] for q, run in zip(queries, runs)}
-    return {q: update.result_so_far for q, update in zip(queries, last)}
+        return [_result(run, 0, iou_threshold)[0] for run in runs]
+    return [update.result_so_far for update in last]
 
 
 def _check_queries(task: str, queries: Sequence[str]) -> list[str]:
