@@ -104,6 +104,9 @@ def test_demo_recipe_ran_both_stages_and_reports_them(demo_run):
     out, summary, work = demo_run
     phases = {p["name"]: p for p in summary["phases"]}
     assert set(phases) == {"dense", "moe"}
+    assert summary["vision_pretraining"]["steps_done"] >= 1  # Stage 0 ran first
+    lines = [json.loads(line) for line in (work / "objects.jsonl").read_text().splitlines()]
+    assert len(lines) == len(read_instruction_jsonl(work / "moe.jsonl")[0])  # one per scene and variant
     for phase in phases.values():
         assert phase["steps_done"] >= 1 and np.isfinite(phase["final_loss"])
         assert phase["quick_eval"] and {"classify", "vqa", "count"} <= set(phase["quick_eval"][-1])

@@ -118,13 +118,19 @@ def test_cli_refuses_a_folder_of_another_model(tmp_path, capsys):
     assert "empty.jsonl: the file is empty" in capsys.readouterr().err
 
 
-def test_synthetic_benchmark_has_one_sample_per_task_per_scene(tmp_path):
+def test_synthetic_benchmark_has_one_query_per_task_per_scene(tmp_path):
     from train.dataset import read_instruction_jsonl
 
     path = ev.build_synthetic_benchmark(tmp_path / "bench", 5, seed=3)
     records, bad = read_instruction_jsonl(path)  # images exist, lines valid
-    assert not bad and sorted(r.task for r in records) == sorted(skymoe.TASK_IDS)
-    assert len({r.image_path for r in records}) == 1
+    assert not bad and len({r.image_path for r in records}) == 1
+    captions = [r for r in records if r.task == "caption"]
+    assert sorted(r.task for r in records if r.task != "caption") == sorted(set(skymoe.TASK_IDS) - {"caption"})
+    # all four templated captions of the scene, pooled by the evaluation into one query
+    assert len(captions) == 4 and len({r.answer for r in captions}) == 4
+    queries = ev._group_queries(records)
+    assert sorted(recs[0].task for recs, _ in queries) == sorted(skymoe.TASK_IDS)
+    assert next(len(recs) for recs, _ in queries if recs[0].task == "caption") == 4
     ground = next(r for r in records if r.task == "ground")
     assert skymoe.parse_answer("ground", ground.answer, 504).boxes  # a parseable reference box
 

@@ -12,11 +12,14 @@ whole recipe on CPU (or one GPU) within the time budget:
 3. **Model**: a small SkyMoE from scratch (:func:`skymoe.tiny_config` with the demo widths):
    CLIP-architecture tower at 504 px with 28 px patches (18 x 18 = 324 image tokens), LLaVA
    2-layer MLP projector, small Llama; every Linear width a multiple of 64 (4-bit on CPU).
-4. **Stage "dense"**: all parameters trained with the LM loss on answer tokens
+4. **Stage 0** (:mod:`train.vision_pretrain`): the tower and projector learn per-patch object
+   centres, extents, boxes and colours and the scene class from the scenes' annotations, the
+   stand-in for the pretrained CLIP the paper starts from.
+5. **Stage "dense"**: all parameters trained with the LM loss on answer tokens
    (:func:`train.loop.train`) on the easier scenes.
-5. **Stage II**: :func:`skymoe.upcycle` to E experts on every second layer, top-k, and
+6. **Stage II**: :func:`skymoe.upcycle` to E experts on every second layer, top-k, and
    fine-tuning of all parameters with ``LM + alpha * aux`` on all scenes.
-6. The model is saved with ``save_pretrained`` (safetensors) plus the processor, a
+7. The model is saved with ``save_pretrained`` (safetensors) plus the processor, a
    ``training_summary.json`` and a model card.
 
 Each phase runs in chunks of the explicit loop (checkpoint, then resume), with a quick
@@ -56,6 +59,7 @@ from train.stage1 import save_model_folder
 from train.stage2 import set_trainable
 from train.synthetic import generate_dataset
 from train.synthetic.dataset import write_image
+from train.vision_pretrain import PatchVocabulary, pretrain_vision
 
 __all__ = [
     "DemoModel",
@@ -145,11 +149,14 @@ class DemoData:
 
 @dataclass
 class DemoTraining:
-    """Schedule of the two stages within the time budget.
+    """Schedule of the stages within the time budget.
 
     Attributes:
         budget_minutes: wall-clock budget of the whole recipe.
-        dense_share: share of the time left after data generation given to the dense stage.
+        vision_share: share of the time left after data generation given to Stage 0
+            (:mod:`train.vision_pretrain`; 0 skips it).
+        vision_lr / vision_batch: Stage 0's peak AdamW learning rate and images per step.
+        dense_share: share of the time left after Stage 0 given to the dense stage.
         micro_batch / global_batch: conversations per forward / per optimizer step.
         dense_lr / moe_lr: peak AdamW learning rates (cosine, warmup 5 %, floor 10 %).
         chunk_minutes: train this long between checkpoint + quick held-out check.
@@ -158,6 +165,9 @@ class DemoTraining:
     """
 
     budget_minutes: float = 90.0
+    vision_share: float = 0.12
+    vision_lr: float = 1e-3
+    vision_batch: int = 16
     dense_share: float = 0.6
     micro_batch: int = 4
     global_batch: int = 8
@@ -231,16 +241,25 @@ def pack_conversation(samples: list[InstructionSample], quota: dict[str, int],
             "granularity": first.granularity, "conversations": turns}
 
 
-def _cda_records(scene, work_dir: Path, rng: np.random.Generator, cfg: DemoData) -> list[dict]:
+def _object_line(image, image_ref: str) -> dict:
+    """One ``objects.jsonl`` line (:mod:`train.vision_pretrain`) of an annotated image."""
+    return {"image": image_ref, "scene_class": image.scene_class, "width": image.width, "height": image.height,
+            "objects": [{"label": o.label, "box_px": list(o.box_px), "colour": o.colour} for o in image.objects]}
+
+
+def _cda_records(scene, work_dir: Path, rng: np.random.Generator, cfg: DemoData) -> tuple[list[dict], list[dict]]:
     """CDA variants of one scene as conversations: the variant's own sample plus counts of two other classes.
 
     Counts come from the variant's annotations (updated by the edit); the class a cutout variant
     counts is not asked twice.
+
+    Returns:
+        ``(conversations, object lines)`` of the kept variants.
     """
     with Image.open(scene.image_path) as img:
         rgb = np.asarray(img.convert("RGB"))
     variants = augment_image(scene, rgb, rng, CdaOptions(cutout_variants=2, spatial_edits=1, colour_edits=1))
-    records = []
+    records, object_lines = [], []
     for k in rng.permutation(len(variants))[: cfg.cda_variants_per_scene]:
         variant = variants[int(k)]
         path = Path(scene.image_path).with_name(f"{Path(scene.image_path).stem}_{variant.name}.png")
@@ -252,35 +271,40 @@ def _cda_records(scene, work_dir: Path, rng: np.random.Generator, cfg: DemoData)
         picked = variant.samples(ref) + [others[i] for i in rng.permutation(len(others))[:2]]
         record = pack_conversation(picked, dict(Counter(s.task for s in picked)), rng)
         records.append({**record, "augmentation": variant.record})
-    return records
+        object_lines.append(_object_line(variant.image, ref))
+    return records, object_lines
 
 
-def build_training_data(work_dir: Path, cfg: DemoData, seed: int) -> tuple[Path, Path]:
-    """Generate the scenes, CDA variants and packed conversations.
+def build_training_data(work_dir: Path, cfg: DemoData, seed: int) -> tuple[Path, Path, Path]:
+    """Generate the scenes, CDA variants, packed conversations and per-image object annotations.
 
     Scenes ``0 .. scenes-1`` ramp from difficulty 0 to 1 (curriculum order). The dense stage
     gets the scenes whose difficulty lies in ``dense_difficulty`` (and their variants); the
     MoE stage gets all of them.
 
     Returns:
-        ``(dense_jsonl, moe_jsonl)`` in ``work_dir``.
+        ``(dense_jsonl, moe_jsonl, objects_jsonl)`` in ``work_dir`` (the last for Stage 0,
+        :mod:`train.vision_pretrain`: every scene and variant).
     """
     scenes = generate_dataset(work_dir, cfg.scenes, seed=seed, difficulty=(0.0, 1.0), workers=cfg.workers)
     rng = np.random.default_rng([seed, 7])
-    dense, full = [], []
+    dense, full, object_lines = [], [], []
     cda_every = max(1, round(1 / cfg.cda_share)) if cfg.cda_share > 0 else 0
     lo, hi = cfg.dense_difficulty
     for i, scene in enumerate(scenes):
         ref = str(Path(scene.image_path).relative_to(work_dir))
         records = [pack_conversation(make_samples(scene, ref), asdict(cfg.turns), rng)]
+        object_lines.append(_object_line(scene, ref))
         if cda_every and i % cda_every == 0:
-            records += _cda_records(scene, work_dir, rng, cfg)
+            variant_records, variant_objects = _cda_records(scene, work_dir, rng, cfg)
+            records += variant_records
+            object_lines += variant_objects
         difficulty = i / max(1, len(scenes) - 1)
         full += records
         if lo <= difficulty <= hi:
             dense += records
-    paths = (work_dir / "dense.jsonl", work_dir / "moe.jsonl")
-    for path, records in zip(paths, (dense, full)):
+    paths = (work_dir / "dense.jsonl", work_dir / "moe.jsonl", work_dir / "objects.jsonl")
+    for path, records in zip(paths, (dense, full, object_lines)):
         write_jsonl(path, records)
     logger.info("training data: %d scenes, %d conversations (dense stage %d)", len(scenes), len(full), len(dense))
     return paths
@@ -507,6 +531,12 @@ def run_phase(name: str, model, processor, train_jsonl: Path, val_records, tcfg:
 def _summary_card(cfg: DemoConfig, summary: dict) -> str:
     """The model card written next to the weights (scores are added after evaluation)."""
     m, d = cfg.model, cfg.data
+    vision = summary.get("vision_pretraining")
+    vision_line = ("skipped" if not vision else
+                   f"{vision['steps_done']} steps of {cfg.training.vision_batch} images in {vision['seconds'] / 60:.1f} min, "
+                   f"lr {cfg.training.vision_lr:g}; held-out check: counts from the centre heads "
+                   f"{vision['held_out']['count_exact']:.0f} % exact, centre error "
+                   f"{vision['held_out']['centre_error_patches']:.2f} patches, colour {vision['held_out']['colour_accuracy']:.0f} %")
     phases = "\n".join(f"| {p['name']} | {p['conversations']} | {p['steps_done']} / {p['steps_planned']} | "
                        f"{p['seconds'] / 60:.1f} | {p['final_loss']:.3f} |" for p in summary["phases"])
     return f"""# SkyMoE demo checkpoint (synthetic domain only)
@@ -529,6 +559,9 @@ scenes (`train.synthetic`) and is **not** a remote-sensing model for real imager
   (count-varying cutout, spatial and colour edits) for every {max(1, round(1 / d.cda_share)) if d.cda_share else 0}th scene.
 - Initialisation: 2-D sine/cosine patch position embeddings (amplitude 0.5) and 1-D sine/cosine
   codes for the grid tokens' input and output embeddings (`train.demo.init_position_codes`).
+- Stage 0 (`train.vision_pretrain`): vision tower and projector trained with linear per-patch heads
+  (object centres per class, class cover, box offset and size, colour; scene class) on every
+  training image, {vision_line}.
 - Instruction samples from `train.instructions`, packed per image into one multi-turn conversation
   (turns per task {asdict(d.turns)}); loss on answer tokens only.
 - Stage "dense": all parameters, scenes of difficulty {d.dense_difficulty[0]}-{d.dense_difficulty[1]}, AdamW lr
@@ -555,13 +588,18 @@ def run_demo(cfg: DemoConfig, out_dir: Path, work_dir: Path) -> dict:
     budget_s = cfg.training.budget_minutes * 60
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
-    dense_jsonl, moe_jsonl, val_path = _cached_data(work_dir, cfg)
+    dense_jsonl, moe_jsonl, objects_jsonl, val_path = _cached_data(work_dir, cfg)
     val_records, _ = read_instruction_jsonl(val_path)
     tokenizer = skymoe.build_tokenizer(_conversation_texts(moe_jsonl), vocab_size=cfg.model.bpe_vocab)
     model, processor = build_demo_model(cfg.model, tokenizer, cfg.seed)
     run_dir = Path(tempfile.mkdtemp(prefix="runs-", dir=work_dir))  # never resume another run's checkpoints
     logger.info("data and tokenizer ready after %.1f min", (time.monotonic() - start) / 60)
     reserve_s = 60.0 if budget_s > 600 else 0.1 * budget_s  # saving and the card
+    left = budget_s - (time.monotonic() - start) - reserve_s
+    vision = None
+    if cfg.training.vision_share > 0:
+        vision = pretrain_vision(model, processor, objects_jsonl, _patch_vocabulary(), left * cfg.training.vision_share,
+                                 cfg.training.vision_lr, cfg.training.vision_batch, cfg.seed)
     left = budget_s - (time.monotonic() - start) - reserve_s
     dense = run_phase("dense", model, processor, dense_jsonl, val_records, cfg.training, cfg.training.dense_lr,
                       left * cfg.training.dense_share, run_dir, cfg.seed)
@@ -579,6 +617,7 @@ def run_demo(cfg: DemoConfig, out_dir: Path, work_dir: Path) -> dict:
         "device": f"{torch.get_num_threads()} CPU threads" if not torch.cuda.is_available() else "CUDA",
         "vocab": len(tokenizer), "params": params, "moe_layers": model.config.moe_layers,
         "object_classes": _object_classes(),
+        "vision_pretraining": asdict(vision) if vision else None,
         "phases": [asdict(dense), asdict(moe)], "validation_seed": cfg.seed + 1, "run_dir": str(run_dir),
     }
     (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=1))
@@ -587,23 +626,31 @@ def run_demo(cfg: DemoConfig, out_dir: Path, work_dir: Path) -> dict:
     return summary
 
 
-def _cached_data(work_dir: Path, cfg: DemoConfig) -> tuple[Path, Path, Path]:
+def _cached_data(work_dir: Path, cfg: DemoConfig) -> tuple[Path, Path, Path, Path]:
     """Training and validation data in ``work_dir``: reused when a previous run with the same data
     settings and seed wrote it there (``data_stamp.json``), generated otherwise.
 
     Returns:
-        ``(dense_jsonl, moe_jsonl, val_jsonl)``.
+        ``(dense_jsonl, moe_jsonl, objects_jsonl, val_jsonl)``.
     """
     stamp = work_dir / "data_stamp.json"
     wanted = {"seed": cfg.seed, "data": asdict(cfg.data)}
-    paths = (work_dir / "dense.jsonl", work_dir / "moe.jsonl", work_dir / "val" / "benchmark.jsonl")
+    paths = (work_dir / "dense.jsonl", work_dir / "moe.jsonl", work_dir / "objects.jsonl",
+             work_dir / "val" / "benchmark.jsonl")
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted and all(p.is_file() for p in paths):
         logger.info("reusing the training data in %s (same data settings and seed)", work_dir)
         return paths
-    dense_jsonl, moe_jsonl = build_training_data(work_dir, cfg.data, cfg.seed)
+    dense_jsonl, moe_jsonl, objects_jsonl = build_training_data(work_dir, cfg.data, cfg.seed)
     val_path = build_synthetic_benchmark(work_dir / "val", cfg.data.val_scenes * 5, seed=cfg.seed + 1)
     stamp.write_text(json.dumps(wanted))
-    return dense_jsonl, moe_jsonl, val_path
+    return dense_jsonl, moe_jsonl, objects_jsonl, val_path
+
+
+def _patch_vocabulary() -> PatchVocabulary:
+    """Stage 0's label sets: the synthetic generator's object classes, colours and scene classes."""
+    from train.synthetic.classes import COLOURS, OBJECT_CLASSES, SCENE_CLASSES
+
+    return PatchVocabulary(tuple(OBJECT_CLASSES), tuple(COLOURS), tuple(sorted(SCENE_CLASSES)))
 
 
 def _object_classes() -> list[str]:

@@ -220,11 +220,14 @@ def evaluate(model, processor, records: Sequence[InstructionRecord], batch_size:
 
 
 def build_synthetic_benchmark(out_dir: str | Path, n: int, seed: int, size_px: int = 504) -> Path:
-    """Write a fresh synthetic benchmark of about ``n`` samples: one per task per scene.
+    """Write a fresh synthetic benchmark of about ``n`` queries: one per task per scene.
 
     Scenes come from :func:`train.synthetic.generate_dataset` (``ceil(n / 5)`` scenes, full
-    difficulty range); each scene contributes one SC, IC, VQA, VG and OC sample (where it has
-    one), picked with a generator seeded by ``seed``; canonical prompt templates.
+    difficulty range); each scene contributes one SC, VQA, VG and OC sample (where it has
+    one), picked with a generator seeded by ``seed``, and all of its reference captions: the
+    generator words every scene in four templates, and like the caption sets of the field
+    (UCM-Captions, RSICD: five per image) they are pooled into one captioning query with
+    several references. Canonical prompt templates.
 
     Returns:
         The JSONL path (images under ``out_dir/images``).
@@ -235,18 +238,22 @@ def build_synthetic_benchmark(out_dir: str | Path, n: int, seed: int, size_px: i
     out_dir = Path(out_dir)
     scenes = generate_dataset(out_dir, math.ceil(n / 5), seed=seed, size_px=size_px)
     rng = np.random.default_rng(seed)
-    records = []
+    records, queries = [], 0
     for scene in scenes:
         ref = str(Path(scene.image_path).resolve().relative_to(out_dir.resolve()))
         by_code: dict[str, list] = defaultdict(list)
         for sample in make_samples(scene, ref, SampleOptions(vary_templates=False)):
             by_code[sample.task].append(sample)
         for code in sorted(by_code):
-            records.append(by_code[code][rng.integers(len(by_code[code]))].to_json())
+            if queries == n:
+                break
+            picked = by_code[code] if code == "IC" else [by_code[code][rng.integers(len(by_code[code]))]]
+            records += [sample.to_json() for sample in picked]
+            queries += 1
     path = out_dir / "benchmark.jsonl"
-    write_jsonl(path, records[:n])
-    logger.info("synthetic benchmark: %d samples from %d scenes (seed %d) in %s",
-                min(n, len(records)), len(scenes), seed, path)
+    write_jsonl(path, records)
+    logger.info("synthetic benchmark: %d queries (%d samples) from %d scenes (seed %d) in %s",
+                queries, len(records), len(scenes), seed, path)
     return path
 
 

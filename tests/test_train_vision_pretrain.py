@@ -1,0 +1,90 @@
+"""Stage 0 of the demo recipe (train/vision_pretrain.py): per-patch targets and the training phase."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import skymoe
+from train.demo import DemoData, DemoModel, _conversation_texts, _patch_vocabulary, build_demo_model, build_training_data
+from train.vision_pretrain import _flipped, patch_targets, pretrain_vision, read_object_annotations
+
+VOCAB = _patch_vocabulary()
+
+
+def test_patch_targets_of_one_object_hand_checked():
+    # 504 px image, 18 x 18 patches of 28 px: the box spans columns 1-2 and row 1 exactly
+    obj = {"label": "building", "box_px": (28, 28, 84, 56), "colour": "red"}
+    t = patch_targets([obj], "residential", 504, 504, 18, VOCAB)
+    k = VOCAB.object_classes.index("building")
+    # centre (x 2.0, y 1.5) patches -> column 2, row 1, offset (0.0, 0.5); 2 x 1 patches
+    assert t.centres.sum() == 1 and t.centres[1, 2, k] == 1
+    assert t.has_box.sum() == 1 and t.has_box[1, 2]
+    np.testing.assert_allclose(t.box[1, 2], [0.0, 0.5, math.log(2.0), 0.0], atol=1e-6)
+    assert t.colour[1, 2] == VOCAB.colours.index("red") and (t.colour >= 0).sum() == 1
+    assert t.cover[1, 1, k] == 1.0 and t.cover[1, 2, k] == 1.0 and t.cover[..., k].sum() == 2.0
+    assert t.scene == VOCAB.scene_classes.index("residential")
+
+
+def test_patch_targets_partial_cover_shared_centre_and_scaling():
+    # a 1008 px image is resized to the grid: 56 px of it is one patch
+    small = {"label": "car", "box_px": (56 + 14, 56 + 14, 56 + 28, 56 + 42), "colour": None}  # 0.25 x 0.5 patch
+    big = {"label": "car", "box_px": (56, 56, 112, 112), "colour": "blue"}  # exactly patch (1, 1)
+    t = patch_targets([small, big, {"label": "dragon", "box_px": (0, 0, 9, 9)}], None, 1008, 1008, 18, VOCAB)
+    k = VOCAB.object_classes.index("car")
+    assert t.centres[1, 1, k] == 2 and t.centres.sum() == 2  # unknown labels are ignored
+    np.testing.assert_allclose(t.box[1, 1], [0.5, 0.5, 0.0, 0.0], atol=1e-6)  # the larger object's box
+    assert t.colour[1, 1] == VOCAB.colours.index("blue")
+    assert t.cover[1, 1, k] == 1.0 and t.scene == -100
+    lone = patch_targets([small], None, 1008, 1008, 18, VOCAB)
+    assert lone.cover[1, 1, k] == pytest.approx(0.125) and lone.colour[1, 1] == -100
+
+
+def test_flipped_boxes_mirror_in_the_pixel_frame():
+    objs = [{"label": "tree", "box_px": (10, 20, 30, 60)}]
+    assert _flipped(objs, 100, 200, True, False)[0]["box_px"] == (70, 20, 90, 60)
+    assert _flipped(objs, 100, 200, False, True)[0]["box_px"] == (10, 140, 30, 180)
+
+
+def test_read_object_annotations_names_a_broken_line(tmp_path):
+    path = tmp_path / "objects.jsonl"
+    path.write_text(json.dumps({"image": "a.png", "scene_class": None, "width": 1, "height": 1, "objects": []})
+                    + "\n{\"image\": \"b.png\"}\n")
+    with pytest.raises(ValueError, match=r"objects.jsonl:2: not an object-annotation line"):
+        read_object_annotations(path)
+
+
+@pytest.fixture(scope="module")
+def stage0_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("stage0")
+    _, _, objects = build_training_data(work, DemoData(scenes=6, cda_share=0.5, workers=1), seed=4)
+    tokenizer = skymoe.build_tokenizer(_conversation_texts(work / "moe.jsonl"), vocab_size=300)
+    model, processor = build_demo_model(DemoModel(image_size=112, patch_size=28, vision_hidden=64, vision_layers=1,
+                                                  vision_heads=2, text_hidden=64, text_intermediate=128,
+                                                  text_layers=2, text_heads=1, bpe_vocab=300), tokenizer, 0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    report = pretrain_vision(model, processor, objects, VOCAB, seconds=6.0, lr=1e-3, batch_size=4, seed=0,
+                             held_out=2, log_every=1)
+    return model, before, report, objects
+
+
+def test_stage0_trains_only_the_tower_and_projector(stage0_run):
+    model, before, report, _ = stage0_run
+    assert report.steps_done >= 2
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for n in changed)
+    assert any(n.startswith("model.multi_modal_projector.") for n in changed)
+
+
+def test_stage0_reports_losses_and_a_held_out_check(stage0_run):
+    _, _, report, objects = stage0_run
+    lines = read_object_annotations(objects)
+    assert report.images == len(lines) - 2  # 6 scenes + CDA variants, 2 held out
+    assert set(report.last_losses) == {"loss", "centres", "cover", "box", "colour", "scene"}
+    assert all(np.isfinite(v) for v in report.last_losses.values())
+    assert set(report.held_out) == {"images", "count_exact", "centre_error_patches", "colour_accuracy"}
+    assert report.held_out["images"] == 2 and 0.0 <= report.held_out["count_exact"] <= 100.0

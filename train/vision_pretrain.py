@@ -1,0 +1,353 @@
+"""Stage 0 of the demo recipe: dense per-patch pretraining of the vision tower and projector.
+
+The paper starts from a pretrained CLIP ViT. The demo cannot download one, and a tower trained
+from scratch only through the language model's few answer tokens per image learns slowly where
+objects are: the first demo checkpoints counted by the background and never grounded an object.
+This stage gives the tower and projector what a pretrained encoder brings, from the synthetic
+scenes' own annotations. Linear heads on the projected image tokens (the very vectors the
+language model reads; one token per patch) predict, per patch:
+
+* per object class, the number of object centres in the patch (Poisson rate; counting),
+* per object class, the share of the patch its boxes cover (extent of large objects),
+* where an object's centre lies in the patch: the centre's offset inside the patch and the
+  box's log width and height in patches (grounding), and the object's colour (the largest
+  such object when several share a patch),
+
+and, from the mean image token, the scene class. Images are flipped at random (targets
+flipped with them). The heads are dropped afterwards; only the tower and projector keep what
+they learned, and the language-model stages go on training them.
+
+``objects.jsonl`` (one line per training image: ``image`` path relative to the file,
+``scene_class``, ``width``, ``height``, ``objects`` as ``{"label", "box_px", "colour"}``) is
+written by :func:`train.demo.build_training_data`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch import nn
+
+__all__ = ["PatchVocabulary", "PatchTargets", "patch_targets", "PatchHeads", "read_object_annotations",
+           "VisionPretrainReport", "pretrain_vision"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PatchVocabulary:
+    """The label sets the heads predict (order = output index)."""
+
+    object_classes: tuple[str, ...]
+    colours: tuple[str, ...]
+    scene_classes: tuple[str, ...]
+
+
+@dataclass
+class PatchTargets:
+    """Targets of one image on its ``side x side`` patch grid (row-major, row 0 at the top).
+
+    Attributes:
+        centres: ``(side, side, K)`` number of object centres of each class in each patch.
+        cover: ``(side, side, K)`` share of each patch covered by boxes of each class, in [0, 1].
+        box: ``(side, side, 4)`` centre offset ``(dx, dy)`` in [0, 1) of the patch and
+            ``(log w, log h)`` of the box in patch units, where ``has_box``.
+        has_box: ``(side, side)`` a centre lies in the patch.
+        colour: ``(side, side)`` colour index of that object, -100 where unknown or no centre.
+        scene: scene class index, -100 when unknown.
+    """
+
+    centres: np.ndarray
+    cover: np.ndarray
+    box: np.ndarray
+    has_box: np.ndarray
+    colour: np.ndarray
+    scene: int
+
+
+def patch_targets(objects: list[dict], scene_class: str | None, width: int, height: int, side: int,
+                  vocab: PatchVocabulary) -> PatchTargets:
+    """Per-patch targets of one image.
+
+    Args:
+        objects: ``{"label", "box_px": (x1, y1, x2, y2), "colour"}`` in the image's pixel frame
+            (``colour`` may be None); labels outside ``vocab`` are ignored.
+        scene_class: the image's scene class, or None.
+        width, height: image size in px; the image is resized to the square ``side``-patch grid,
+            so x is scaled by ``side / width`` and y by ``side / height``.
+        side: patches per side.
+        vocab: label sets.
+    """
+    k = len(vocab.object_classes)
+    centres = np.zeros((side, side, k), np.float32)
+    cover = np.zeros((side, side, k), np.float32)
+    box = np.zeros((side, side, 4), np.float32)
+    has_box = np.zeros((side, side), bool)
+    colour = np.full((side, side), -100, np.int64)
+    best_area = np.zeros((side, side), np.float32)
+    cells = np.arange(side, dtype=np.float32)
+    for obj in objects:
+        if obj["label"] not in vocab.object_classes:
+            continue
+        c = vocab.object_classes.index(obj["label"])
+        x1, y1, x2, y2 = obj["box_px"]
+        # box in patch units (x right, y down)
+        x1, x2 = x1 * side / width, x2 * side / width
+        y1, y2 = y1 * side / height, y2 * side / height
+        overlap_x = np.clip(np.minimum(x2, cells + 1) - np.maximum(x1, cells), 0.0, 1.0)
+        overlap_y = np.clip(np.minimum(y2, cells + 1) - np.maximum(y1, cells), 0.0, 1.0)
+        cover[:, :, c] = np.maximum(cover[:, :, c], np.outer(overlap_y, overlap_x))
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        col, row = min(int(cx), side - 1), min(int(cy), side - 1)
+        centres[row, col, c] += 1
+        w, h = max(x2 - x1, 1e-3), max(y2 - y1, 1e-3)
+        if w * h > best_area[row, col]:
+            best_area[row, col] = w * h
+            box[row, col] = (cx - col, cy - row, math.log(w), math.log(h))
+            has_box[row, col] = True
+            colour[row, col] = vocab.colours.index(obj["colour"]) if obj.get("colour") in vocab.colours else -100
+    scene = vocab.scene_classes.index(scene_class) if scene_class in vocab.scene_classes else -100
+    return PatchTargets(centres, cover, box, has_box, colour, scene)
+
+
+def _flipped(objects: list[dict], width: int, height: int, horizontal: bool, vertical: bool) -> list[dict]:
+    """Objects of the image mirrored left-right and/or top-bottom (pixel frame)."""
+    out = []
+    for obj in objects:
+        x1, y1, x2, y2 = obj["box_px"]
+        if horizontal:
+            x1, x2 = width - x2, width - x1
+        if vertical:
+            y1, y2 = height - y2, height - y1
+        out.append({**obj, "box_px": (x1, y1, x2, y2)})
+    return out
+
+
+class PatchHeads(nn.Module):
+    """Linear heads on the projected image tokens: per patch ``K`` centre log-rates, ``K`` cover
+    logits, 4 box values and ``C`` colour logits; per image the scene logits (mean token)."""
+
+    def __init__(self, width: int, vocab: PatchVocabulary):
+        super().__init__()
+        self.k, self.c = len(vocab.object_classes), len(vocab.colours)
+        self.patch = nn.Linear(width, 2 * self.k + 4 + self.c)
+        self.scene = nn.Linear(width, len(vocab.scene_classes))
+
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``tokens``: ``(batch, side * side, width)``; returns the head outputs by name."""
+        out = self.patch(tokens)
+        k, c = self.k, self.c
+        return {"centres": out[..., :k], "cover": out[..., k:2 * k], "box": out[..., 2 * k:2 * k + 4],
+                "colour": out[..., 2 * k + 4:2 * k + 4 + c], "scene": self.scene(tokens.mean(dim=1))}
+
+
+def _stack(targets: list[PatchTargets]) -> dict[str, torch.Tensor]:
+    def flat(name: str) -> torch.Tensor:
+        arr = np.stack([getattr(t, name) for t in targets])
+        return torch.from_numpy(arr.reshape(arr.shape[0], arr.shape[1] * arr.shape[2], *arr.shape[3:]))
+    return {"centres": flat("centres"), "cover": flat("cover"), "box": flat("box"), "has_box": flat("has_box"),
+            "colour": flat("colour"), "scene": torch.tensor([t.scene for t in targets])}
+
+
+def head_losses(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-term losses (each summed over classes, averaged over patches / images)."""
+    k = outputs["centres"].shape[-1]
+    has_box = targets["has_box"]
+    losses = {
+        "centres": F.poisson_nll_loss(outputs["centres"].float(), targets["centres"], log_input=True) * k,
+        "cover": F.binary_cross_entropy_with_logits(outputs["cover"].float(), targets["cover"]) * k,
+        "box": (F.l1_loss(outputs["box"][has_box].float(), targets["box"][has_box]) if has_box.any()
+                else outputs["box"].sum() * 0.0),
+        "colour": (F.cross_entropy(outputs["colour"][has_box].float(), targets["colour"][has_box], ignore_index=-100)
+                   if (targets["colour"][has_box] >= 0).any() else outputs["colour"].sum() * 0.0),
+        "scene": (F.cross_entropy(outputs["scene"].float(), targets["scene"], ignore_index=-100)
+                  if (targets["scene"] >= 0).any() else outputs["scene"].sum() * 0.0),
+    }
+    return losses
+
+
+def read_object_annotations(path: Path) -> list[dict]:
+    """Lines of an ``objects.jsonl`` (module docstring), image paths made absolute.
+
+    Raises:
+        ValueError: a line is not valid JSON or lacks a field (names the line).
+    """
+    records = []
+    for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            rec["image"] = str(Path(path).parent / rec["image"])
+            for key in ("scene_class", "width", "height", "objects"):
+                rec[key]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{line_no}: not an object-annotation line ({err}); "
+                             f"regenerate it with train.demo.build_training_data") from err
+        records.append(rec)
+    return records
+
+
+@dataclass
+class VisionPretrainReport:
+    """What Stage 0 did (``training_summary.json``)."""
+
+    images: int
+    steps_planned: int
+    steps_done: int
+    seconds: float
+    seconds_per_step: float
+    first_losses: dict[str, float] = field(default_factory=dict)
+    last_losses: dict[str, float] = field(default_factory=dict)
+    held_out: dict[str, float] = field(default_factory=dict)
+
+
+class _Batches:
+    """Random flipped batches of (pixel_values, targets) from object annotations."""
+
+    def __init__(self, records: list[dict], image_processor, side: int, vocab: PatchVocabulary, seed: int):
+        self.records, self.image_processor, self.side, self.vocab = records, image_processor, side, vocab
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self, indices, flip: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images, targets = [], []
+        for i in indices:
+            rec = self.records[int(i)]
+            h_flip, v_flip = (self.rng.random(2) < 0.5) if flip else (False, False)
+            with Image.open(rec["image"]) as img:
+                image = img.convert("RGB")
+            image = ImageOps.mirror(image) if h_flip else image
+            image = ImageOps.flip(image) if v_flip else image
+            objects = _flipped(rec["objects"], rec["width"], rec["height"], h_flip, v_flip)
+            images.append(image)
+            targets.append(patch_targets(objects, rec["scene_class"], rec["width"], rec["height"], self.side,
+                                         self.vocab))
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return pixel_values, _stack(targets)
+
+
+def _image_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The projected image tokens the language model reads, ``(batch, patches, text width)``."""
+    dtype = model.model.multi_modal_projector.linear_1.weight.dtype
+    features = model.model.get_image_features(pixel_values=pixel_values.to(dtype)).pooler_output
+    return torch.stack(list(features))
+
+
+@torch.no_grad()
+def _held_out_check(model, heads: PatchHeads, batches: _Batches, indices: np.ndarray) -> dict[str, float]:
+    """Count accuracy from the centre heads (sum of rates per class, rounded), box-centre error
+    in patches and colour accuracy at centre patches, on images Stage 0 did not train on."""
+    model.eval()
+    exact = total = 0
+    centre_err, colour_hits, colour_n = [], 0, 0
+    for start in range(0, len(indices), 16):
+        pixel_values, targets = batches.batch(indices[start:start + 16], flip=False)
+        out = heads(_image_tokens(model, pixel_values))
+        predicted = out["centres"].float().exp().sum(dim=1).round()
+        truth = targets["centres"].sum(dim=1)
+        present = truth > 0
+        exact += int((predicted[present] == truth[present]).sum())
+        total += int(present.sum())
+        has_box = targets["has_box"]
+        centre_err.append((out["box"][has_box][:, :2].float() - targets["box"][has_box][:, :2]).abs().mean(dim=1))
+        colour_known = targets["colour"][has_box] >= 0
+        colour_hits += int((out["colour"][has_box].argmax(-1) == targets["colour"][has_box])[colour_known].sum())
+        colour_n += int(colour_known.sum())
+    model.train()
+    return {"images": float(len(indices)), "count_exact": 100.0 * exact / max(1, total),
+            "centre_error_patches": float(torch.cat(centre_err).mean()) if centre_err else float("nan"),
+            "colour_accuracy": 100.0 * colour_hits / max(1, colour_n)}
+
+
+def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabulary, seconds: float, lr: float,
+                    batch_size: int, seed: int, held_out: int = 64, log_every: int = 25) -> VisionPretrainReport:
+    """Train the vision tower and projector of ``model`` in place with :class:`PatchHeads` for about ``seconds``.
+
+    The step count is planned from a measured step time (AdamW, warmup 5 %, cosine to 10 % of
+    ``lr``, gradient norm clipped at 1); the run stops early if it falls behind. The last
+    ``held_out`` images are kept out of training for the closing check.
+
+    Args:
+        model: a dense or MoE SkyMoE (fp32); only ``vision_tower`` and ``multi_modal_projector`` change.
+        processor: its processor (the image processor resizes and normalises as at inference).
+        objects_jsonl: per-image object annotations (module docstring).
+        vocab: label sets of the heads.
+        seconds: time budget of the stage.
+        lr: peak learning rate.
+        batch_size: images per step.
+        seed: data order and flips.
+        held_out: images kept for the closing check.
+        log_every: log the loss terms every this many steps.
+    """
+    records = read_object_annotations(objects_jsonl)
+    if len(records) <= held_out:
+        held_out = max(1, len(records) // 5)
+    train_ids, check_ids = np.arange(len(records) - held_out), np.arange(len(records) - held_out, len(records))
+    vision = model.config.vision_config
+    side = vision.image_size // vision.patch_size
+    torch.manual_seed(seed)
+    heads = PatchHeads(model.config.text_config.hidden_size, vocab)
+    params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
+    optimizer = torch.optim.AdamW([*params, *heads.parameters()], lr=lr, weight_decay=0.0)
+    batches = _Batches(records, processor.image_processor, side, vocab, seed)
+    model.train()
+
+    def step(indices) -> dict[str, float]:
+        pixel_values, targets = batches.batch(indices)
+        losses = head_losses(heads(_image_tokens(model, pixel_values)), targets)
+        loss = sum(losses.values())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([*params, *heads.parameters()], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss.item(), **{name: v.item() for name, v in losses.items()}}
+
+    order = batches.rng.permutation(train_ids)
+    position = 0
+
+    def next_indices() -> np.ndarray:
+        nonlocal order, position
+        if position + batch_size > len(order):
+            order, position = batches.rng.permutation(train_ids), 0
+        position += batch_size
+        return order[position - batch_size:position]
+
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0  # the timing step must not move the weights
+    start = time.monotonic()
+    step(next_indices())
+    per_step = time.monotonic() - start
+    total = max(1, int(0.9 * (seconds - per_step) / per_step))
+    warmup = max(1, total // 20)
+    logger.info("stage 0 (vision): %d images, %.2f s/step measured -> %d steps of %d images",
+                len(train_ids), per_step, total, batch_size)
+    report = VisionPretrainReport(len(train_ids), total, 0, 0.0, per_step)
+    for t in range(total):
+        progress = t / max(1, total - 1)
+        scale = (t + 1) / warmup if t < warmup else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * scale
+        losses = step(next_indices())
+        report.steps_done = t + 1
+        report.first_losses = report.first_losses or losses
+        report.last_losses = losses
+        if (t + 1) % log_every == 0 or t + 1 == total:
+            logger.info("stage 0 step %d/%d lr %.2e %s", t + 1, total, lr * scale,
+                        " ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+        if time.monotonic() - start > seconds:
+            logger.warning("stage 0: out of its time share at step %d of %d", t + 1, total)
+            break
+    report.seconds = time.monotonic() - start
+    report.seconds_per_step = report.seconds / (report.steps_done + 1)
+    report.held_out = _held_out_check(model, heads, batches, check_ids)
+    logger.info("stage 0 held-out check: %s", json.dumps(report.held_out))
+    return report
