@@ -28,7 +28,9 @@ class ModelSummary:
         moe_layers: MoE decoder-layer indices.
         quantization: ``"4bit"``, ``"8bit"`` or ``"none"``.
         device: Device of the first parameter, e.g. ``"cpu"``, ``"cuda:0"``, ``"meta"``.
-        dtype: Dtype of the first floating parameter, e.g. ``"torch.float32"``.
+        dtype: Dtype of the first floating parameter, e.g. ``"torch.float32"``; for a 4-/8-bit
+            model that is the dtype of the layers left unquantized (embeddings, norms, vision
+            tower, LM head), not of the packed Linear weights.
     """
 
     total_params: int
@@ -44,7 +46,8 @@ class ModelSummary:
             f"SkyMoE: {self.total_params / 1e9:.2f} B parameters, "
             f"{self.active_params_per_token / 1e9:.2f} B active per token, "
             f"E={self.num_experts} on {len(self.moe_layers)} MoE layers, quant={self.quantization}, "
-            f"{self.device}, {self.dtype}"
+            f"{self.device}, {self.dtype}" + ("" if self.quantization == "none" else
+                                              f" outside the {self.quantization} Linear layers")
         )
 
 

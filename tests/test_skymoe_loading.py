@@ -138,6 +138,7 @@ def test_4bit_on_cpu_quantizes_experts_but_not_router_vision_projector_head(tiny
     full = skymoe.model_summary(skymoe.SkyMoEForConditionalGeneration(loaded.model.config))
     nf4 = skymoe.model_summary(loaded.model)
     assert nf4.quantization == "4bit"
+    assert str(nf4).endswith(f"{nf4.dtype} outside the 4bit Linear layers")  # not the packed weights' dtype
     assert (nf4.total_params, nf4.active_params_per_token) == (full.total_params, full.active_params_per_token)
 
 
