@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from .modeling import SkyMoEForConditionalGeneration
-from .moe import fuse_experts, moe_implementation
+from .moe import SkyMoESparseBlock, fuse_experts, moe_blocks, moe_implementation
 from .processing import SkyMoEProcessor
 from .prompts import TASK_IDS, render_conversation, task_of_prompt
 
@@ -82,17 +82,26 @@ def fast_inference_enabled(model: SkyMoEForConditionalGeneration) -> bool:
 
 
 @contextmanager
-def inference_path(model: SkyMoEForConditionalGeneration, fast: bool | None) -> Iterator[bool]:
+def inference_path(model: SkyMoEForConditionalGeneration, fast: bool | None,
+                   blocks: Sequence[SkyMoESparseBlock] | None = None) -> Iterator[bool]:
     """Run the body on the fast or the plain path (module docstring); yields the resolved ``fast``.
 
     Fast: fuses the expert weights (memory-neutral, idempotent) and sets every MoE block to
     ``"auto"``; plain: sets them to ``"loop"``. Each block's own setting is restored on exit.
+
+    Args:
+        model: The SkyMoE.
+        fast: Fast or plain path; ``None`` = :func:`fast_inference_enabled`.
+        blocks: ``skymoe.moe.moe_blocks(model)`` when the caller keeps them (a chat turn runs
+            this per question, and the walk over the modules is a measurable part of it); else
+            the model is walked once.
     """
     fast = fast_inference_enabled(model) if fast is None else bool(fast)
+    blocks = moe_blocks(model) if blocks is None else blocks
     if fast:
-        fused = fuse_experts(model)
+        fused = fuse_experts(blocks)
         logger.debug("fast inference: %d MoE blocks fused", fused)
-    with moe_implementation(model, "auto" if fast else "loop"):
+    with moe_implementation(blocks, "auto" if fast else "loop"):
         yield fast
 
 

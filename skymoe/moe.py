@@ -27,6 +27,7 @@ __all__ = [
     "MOE_IMPLEMENTATIONS",
     "MASKED_MAX_TOKENS",
     "grouped_mm_kernel_available",
+    "moe_blocks",
     "fuse_experts",
     "release_fused_experts",
     "set_moe_implementation",
@@ -99,6 +100,9 @@ class SkyMoERouter(nn.Module):
             top_k_probs = top_k_probs / top_k_probs.sum(dim=-1, keepdim=True)
         return RouterOutput(logits=logits, probs=probs, top_k_weights=top_k_probs, top_k_index=top_k_index)
 
+
+#: Attribute names of a Llama MLP's projections, in the order of ``FusedExperts.pointers``.
+_EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 #: MoE block implementations (:attr:`SkyMoESparseBlock.implementation`).
 MOE_IMPLEMENTATIONS = ("auto", "loop", "masked", "grouped", "grouped_mm")
@@ -307,7 +311,7 @@ class SkyMoESparseBlock(nn.Module):
 
     def _expert_linears(self) -> list[nn.Module]:
         """``[gate_0, up_0, down_0, gate_1, ...]``, the 3 * E projection modules."""
-        return [lin for e in self.experts for lin in (e.gate_proj, e.up_proj, e.down_proj)]
+        return [getattr(e, name) for e in self.experts for name in _EXPERT_PROJECTIONS]
 
     def can_fuse(self) -> bool:
         """True when every expert projection is a plain, bias-free ``nn.Linear`` on one device and dtype.
@@ -328,8 +332,11 @@ class SkyMoESparseBlock(nn.Module):
             return False
         if torch.compiler.is_compiling():
             return True  # checked by fuse_experts before compiling; data_ptr() cannot be traced
-        # a Linear replaced or wrapped later (peft LoRA, quantization) keeps its weight but is no longer plain
-        pointers = tuple(lin.weight.data_ptr() if type(lin) is nn.Linear else -1 for lin in self._expert_linears())
+        # a Linear replaced or wrapped later (peft LoRA, quantization) keeps its weight but is no longer plain;
+        # this runs once per forward of the "auto" path, hence _modules / _parameters instead of attribute access
+        pointers = tuple(lin._parameters["weight"].data_ptr() if type(lin) is nn.Linear else -1
+                         for expert in self.experts._modules.values()
+                         for lin in (expert._modules[name] for name in _EXPERT_PROJECTIONS))
         return pointers == self._fused.pointers
 
     @torch.no_grad()
@@ -362,27 +369,32 @@ class SkyMoESparseBlock(nn.Module):
         return True
 
 
+def moe_blocks(model: nn.Module) -> list[SkyMoESparseBlock]:
+    """Every SkyMoE block of ``model``, in module order (one walk over the modules)."""
+    return [block for block in model.modules() if isinstance(block, SkyMoESparseBlock)]
+
+
 def release_fused_experts(model: nn.Module) -> None:
     """Drop every MoE block's stacked tensors (e.g. before quantizing the experts in place).
 
     The expert weights stay views of the stacks' storage until they are replaced; once every
     expert Linear of a block is replaced, its stack's memory is freed.
     """
-    for block in model.modules():
-        if isinstance(block, SkyMoESparseBlock):
-            block._fused = None
+    for block in moe_blocks(model):
+        block._fused = None
 
 
-def fuse_experts(model: nn.Module) -> int:
+def fuse_experts(model: nn.Module | Sequence[SkyMoESparseBlock]) -> int:
     """:meth:`SkyMoESparseBlock.fuse_experts` on every MoE block of ``model``.
 
     Args:
-        model: Any module containing SkyMoE blocks.
+        model: Any module containing SkyMoE blocks, or the blocks themselves (:func:`moe_blocks`).
 
     Returns:
         The number of blocks that are fused (blocks with quantized / LoRA experts are skipped).
     """
-    return sum(block.fuse_experts() for block in model.modules() if isinstance(block, SkyMoESparseBlock))
+    blocks = moe_blocks(model) if isinstance(model, nn.Module) else model
+    return sum(block.fuse_experts() for block in blocks)
 
 
 def set_moe_implementation(model: nn.Module, implementation: str) -> None:
@@ -395,7 +407,7 @@ def set_moe_implementation(model: nn.Module, implementation: str) -> None:
     Raises:
         ValueError: Unknown implementation.
     """
-    _set_implementation([b for b in model.modules() if isinstance(b, SkyMoESparseBlock)], implementation)
+    _set_implementation(moe_blocks(model), implementation)
 
 
 def _set_implementation(blocks: list[SkyMoESparseBlock], implementation: str) -> None:
@@ -407,13 +419,14 @@ def _set_implementation(blocks: list[SkyMoESparseBlock], implementation: str) ->
 
 
 @contextmanager
-def moe_implementation(model: nn.Module, implementation: str) -> Iterator[None]:
-    """Use ``implementation`` in every MoE block of ``model`` inside the context, then restore each block's own.
+def moe_implementation(model: nn.Module | Sequence[SkyMoESparseBlock], implementation: str) -> Iterator[None]:
+    """Use ``implementation`` in every MoE block of ``model`` (a module, or its :func:`moe_blocks`)
+    inside the context, then restore each block's own.
 
     Not thread-safe: concurrent calls on one model with different implementations interfere
     (results stay correct, only the path taken changes).
     """
-    blocks = [b for b in model.modules() if isinstance(b, SkyMoESparseBlock)]  # one walk: it runs per question
+    blocks = moe_blocks(model) if isinstance(model, nn.Module) else list(model)
     previous = [b.implementation for b in blocks]
     _set_implementation(blocks, implementation)
     try:

@@ -32,6 +32,7 @@ from PIL import Image
 from transformers.cache_utils import DynamicCache
 
 from .generation import Generation, generations_from_scores, inference_path, task_ids_for_prompts
+from .moe import moe_blocks
 from .modeling import SkyMoEForConditionalGeneration
 from .processing import SkyMoEProcessor
 from .prompts import IMAGE_TOKEN, render_conversation
@@ -108,6 +109,7 @@ class TilePrefix:
         self.num_image_tokens = int(image_positions.numel())
         self.prefix_ids = ids[: int(image_positions[-1]) + 1].clone()  # up to the last image token
         self._pixel_values = inputs["pixel_values"].to(model.device)
+        self._moe_blocks = moe_blocks(model)  # walked once, not per question
         self._kv: dict[int, LayerKV] = {}  # task id (-1 = none) -> prefix KV of every tile
         self._last_turn: _Turn | None = None  # KV of the last one-row ask (prefix + text + answer)
 
@@ -166,8 +168,7 @@ class TilePrefix:
     def _row_inputs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)`` ``(rows, prefix_len + longest_suffix)``, padded after the prefix."""
         tokenizer = self.processor.tokenizer
-        expanded = [t.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.num_image_tokens) for t in texts]
-        rows = [torch.tensor(ids, dtype=torch.long) for ids in tokenizer(expanded)["input_ids"]]
+        rows = self._tokenized(texts)
         length = self.prefix_length
         for text, ids in zip(texts, rows):
             if ids.numel() <= length or not torch.equal(ids[:length], self.prefix_ids):
@@ -186,6 +187,27 @@ class TilePrefix:
             attention_mask[row, length + width - suffix.numel() :] = 1
         return input_ids, attention_mask
 
+    def _tokenized(self, texts: list[str]) -> list[torch.Tensor]:
+        """Token ids of each text with its one image token expanded to the tile's image tokens.
+
+        The image token is an added token, which the tokenizer never merges with its
+        neighbours, so tokenizing the text once with a single image token and repeating that
+        id gives the ids of the expanded text (what the processor tokenizes) for a fraction of
+        the work; a text without exactly one image token is tokenized expanded.
+        """
+        tokenizer, image_id = self.processor.tokenizer, self.model.config.image_token_index
+        rows = []
+        for text, ids in zip(texts, tokenizer(texts)["input_ids"]):
+            ids = torch.tensor(ids, dtype=torch.long)
+            at = torch.nonzero(ids == image_id).flatten()
+            if at.numel() == 1 and text.count(IMAGE_TOKEN) == 1:
+                ids = torch.cat([ids[: int(at)], ids[at].repeat(self.num_image_tokens), ids[int(at) + 1 :]])
+            else:
+                expanded = text.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.num_image_tokens)
+                ids = torch.tensor(tokenizer(expanded)["input_ids"], dtype=torch.long)
+            rows.append(ids)
+        return rows
+
     @torch.inference_mode()
     def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor,
                 tile_of_row: list[int], max_new_tokens: int, do_sample: bool) -> list[Generation]:
@@ -194,7 +216,7 @@ class TilePrefix:
         task_mode = model.config.router_mode == "task"
         task_of_row = task_ids.tolist() if task_mode else [-1] * len(tile_of_row)
         extra = {"task_ids": task_ids.to(model.device)} if task_mode else {}
-        with inference_path(model, self.fast):
+        with inference_path(model, self.fast, self._moe_blocks):
             cache = self._turn_cache(input_ids, task_of_row, tile_of_row) or self._row_cache(task_of_row, tile_of_row)
             input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
             if do_sample:

@@ -260,6 +260,16 @@ def test_chat_turns_after_the_prefix_equal_a_fresh_conversation(token_model, ima
     assert second.text == reference
 
 
+def test_prefix_tokenizes_a_chat_like_the_processor(token_model, images):
+    model, processor = token_model
+    prefix = TilePrefix(model, processor, images[:1])
+    texts = [render_conversation([(PROMPTS[2], "two ships"), (PROMPTS[0], None)]), render_conversation([(PROMPTS[1], None)])]
+    expected = processor(images=images[:1] * 2, text=texts, return_tensors="pt", padding=True)
+    for row, ids in enumerate(prefix._tokenized(texts)):
+        reference = expected["input_ids"][row][expected["attention_mask"][row].bool()]
+        assert torch.equal(ids, reference)
+
+
 def test_second_question_runs_no_vision_and_prefills_only_the_new_text(token_model, images):
     model, processor = token_model
     vision_calls, prefill_lengths = [], []

@@ -128,7 +128,7 @@ def test_synthetic_benchmark_has_one_query_per_task_per_scene(tmp_path):
     assert sorted(r.task for r in records if r.task != "caption") == sorted(set(skymoe.TASK_IDS) - {"caption"})
     # all four templated captions of the scene, pooled by the evaluation into one query
     assert len(captions) == 4 and len({r.answer for r in captions}) == 4
-    queries = ev._group_queries(records)
+    queries = ev.group_queries(records)
     assert sorted(recs[0].task for recs, _ in queries) == sorted(skymoe.TASK_IDS)
     assert next(len(recs) for recs, _ in queries if recs[0].task == "caption") == 4
     ground = next(r for r in records if r.task == "ground")

@@ -52,7 +52,7 @@ from skymoe.prompts import render_conversation
 from train.cda import CdaOptions, augment_image
 from train.config import ConfigError, LoopConfig, OptimConfig, load_config
 from train.dataset import InstructionDataset, PaddingCollator, read_instruction_jsonl
-from train.eval import SampleResult, build_synthetic_benchmark, score_results
+from train.eval import SampleResult, group_queries, build_synthetic_benchmark, score_results
 from train.instructions import InstructionSample, SampleOptions, make_samples, write_jsonl
 from train.loop import train
 from train.stage1 import save_model_folder
@@ -412,10 +412,11 @@ def _greedy(model, processor, images: list[Image.Image], prompts: list[str], max
 
 
 def quick_eval(model, processor, records, batch_size: int = 8) -> dict[str, dict[str, float]]:
-    """Per-task scores of greedy answers on held-out records (one query per record).
+    """Per-task scores of greedy answers on held-out records (one query per record, captions of
+    one image pooled into one query as in :mod:`train.eval`).
 
     SC, VQA, VG and OC are scored by :func:`train.eval.score_results`; captions by a cheap
-    proxy, pycocoevalcap's BLEU-4 on lower-cased whitespace tokens against the one reference
+    proxy, pycocoevalcap's BLEU-4 on lower-cased whitespace tokens against the pooled references
     (the Java tokenizer and METEOR take a minute per call: the real numbers come from
     ``python -m train.eval``).
 
@@ -425,15 +426,17 @@ def quick_eval(model, processor, records, batch_size: int = 8) -> dict[str, dict
     was_training = model.training
     model.eval()
     results, sizes = [], {}
-    for task in sorted({r.task for r in records}):
-        todo = [r for r in records if r.task == task]
+    queries = [recs for recs, _ in group_queries(records)]
+    for task in sorted({recs[0].task for recs in queries}):
+        todo = [recs for recs in queries if recs[0].task == task]
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            images = [Image.open(r.image_path).convert("RGB") for r in chunk]
-            answers = _greedy(model, processor, images, [r.prompt for r in chunk], _QUICK_BUDGET[task])
-            for rec, image, answer in zip(chunk, images, answers):
+            images = [Image.open(recs[0].image_path).convert("RGB") for recs in chunk]
+            answers = _greedy(model, processor, images, [recs[0].prompt for recs in chunk], _QUICK_BUDGET[task])
+            for recs, image, answer in zip(chunk, images, answers):
+                rec = recs[0]
                 results.append(SampleResult(rec.id, task, rec.granularity, rec.prompt, answer.strip(),
-                                            [rec.answer], 1.0))
+                                            [r.answer for r in recs], 1.0))
                 sizes[rec.id] = image.size
     model.train(was_training)
     captions = [r for r in results if r.task == "caption"]

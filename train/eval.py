@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
     "SampleResult",
     "EvalReport",
+    "group_queries",
     "run_generation",
     "score_results",
     "evaluate",
@@ -104,7 +105,7 @@ class EvalReport:
                 "per_granularity": self.per_granularity}
 
 
-def _group_queries(records: Sequence[InstructionRecord]) -> list[tuple[list[InstructionRecord], str]]:
+def group_queries(records: Sequence[InstructionRecord]) -> list[tuple[list[InstructionRecord], str]]:
     """One query per record, except captions: one per (image, prompt) with all captions pooled."""
     groups: dict[tuple, list[InstructionRecord]] = {}
     for rec in records:
@@ -127,7 +128,7 @@ def run_generation(model, processor, records: Sequence[InstructionRecord], batch
         Unscored :class:`SampleResult` objects (see :func:`score_results`).
     """
     by_task: dict[str, list[tuple[list[InstructionRecord], str]]] = defaultdict(list)
-    for recs, prompt in _group_queries(records):
+    for recs, prompt in group_queries(records):
         by_task[recs[0].task].append((recs, prompt))
     results = []
     for task, queries in by_task.items():
@@ -213,7 +214,7 @@ def evaluate(model, processor, records: Sequence[InstructionRecord], batch_size:
     """Generate and score (see the module docstring for the metrics)."""
     results = run_generation(model, processor, records, batch_size, max_new_tokens)
     sizes = {}
-    for recs, _ in _group_queries(records):
+    for recs, _ in group_queries(records):
         with Image.open(recs[0].image_path) as img:
             sizes["+".join(r.id for r in recs)] = img.size
     return score_results(results, sizes)
