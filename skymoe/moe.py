@@ -311,7 +311,8 @@ class SkyMoESparseBlock(nn.Module):
 
     def _expert_linears(self) -> list[nn.Module]:
         """``[gate_0, up_0, down_0, gate_1, ...]``, the 3 * E projection modules."""
-        return [getattr(e, name) for e in self.experts for name in _EXPERT_PROJECTIONS]
+        # _modules lookups, not attribute access: is_fused calls this on every forward of the "auto" path
+        return [expert._modules[name] for expert in self.experts._modules.values() for name in _EXPERT_PROJECTIONS]
 
     def can_fuse(self) -> bool:
         """True when every expert projection is a plain, bias-free ``nn.Linear`` on one device and dtype.
@@ -332,11 +333,9 @@ class SkyMoESparseBlock(nn.Module):
             return False
         if torch.compiler.is_compiling():
             return True  # checked by fuse_experts before compiling; data_ptr() cannot be traced
-        # a Linear replaced or wrapped later (peft LoRA, quantization) keeps its weight but is no longer plain;
-        # this runs once per forward of the "auto" path, hence _modules / _parameters instead of attribute access
+        # a Linear replaced or wrapped later (peft LoRA, quantization) keeps its weight but is no longer plain
         pointers = tuple(lin._parameters["weight"].data_ptr() if type(lin) is nn.Linear else -1
-                         for expert in self.experts._modules.values()
-                         for lin in (expert._modules[name] for name in _EXPERT_PROJECTIONS))
+                         for lin in self._expert_linears())
         return pointers == self._fused.pointers
 
     @torch.no_grad()

@@ -165,7 +165,7 @@ class DemoTraining:
     """
 
     budget_minutes: float = 90.0
-    vision_share: float = 0.12
+    vision_share: float = 0.15
     vision_lr: float = 1e-3
     vision_batch: int = 16
     dense_share: float = 0.6
