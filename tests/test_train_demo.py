@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +167,15 @@ def test_position_codes_make_neighbours_similar_and_stay_trainable():
     assert patches.shape[0] == side * side + 1 and torch.count_nonzero(patches[0]) == 0
     assert patches[1:].abs().max() <= 0.5 and patches[1:].std() > 0.2  # ~25x CLIP's default std 0.02
     assert patches.requires_grad and rows.requires_grad
+
+
+def test_training_data_are_the_same_whichever_worker_builds_a_scene(tmp_path):
+    from train.demo import build_training_data
+
+    cfg = DemoData(scenes=6, cda_share=0.5, val_scenes=1)
+    outputs = []
+    for workers in (1, 2):
+        paths = build_training_data(tmp_path / f"w{workers}", replace(cfg, workers=workers), seed=5)
+        outputs.append([p.read_text() for p in paths])
+    assert outputs[0] == outputs[1]
+    assert '"augmentation"' in outputs[0][1]  # CDA variants were built in the workers too

@@ -213,28 +213,48 @@ class VisionPretrainReport:
     held_out: dict[str, float] = field(default_factory=dict)
 
 
-class _Batches:
-    """Random flipped batches of (pixel_values, targets) from object annotations."""
+class _PatchSamples(torch.utils.data.Dataset):
+    """``(pixel_values (3, H, W), targets)`` of one image, keyed by ``(index, h_flip, v_flip)``.
 
-    def __init__(self, records: list[dict], image_processor, side: int, vocab: PatchVocabulary, seed: int):
+    The flips are drawn in the training process (:func:`_key_batches`), so the data are the
+    same whichever loader worker decodes the image.
+    """
+
+    def __init__(self, records: list[dict], image_processor, side: int, vocab: PatchVocabulary):
         self.records, self.image_processor, self.side, self.vocab = records, image_processor, side, vocab
-        self.rng = np.random.default_rng(seed)
 
-    def batch(self, indices, flip: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        images, targets = [], []
-        for i in indices:
-            rec = self.records[int(i)]
-            h_flip, v_flip = (self.rng.random(2) < 0.5) if flip else (False, False)
-            with Image.open(rec["image"]) as img:
-                image = img.convert("RGB")
-            image = ImageOps.mirror(image) if h_flip else image
-            image = ImageOps.flip(image) if v_flip else image
-            objects = _flipped(rec["objects"], rec["width"], rec["height"], h_flip, v_flip)
-            images.append(image)
-            targets.append(patch_targets(objects, rec["scene_class"], rec["width"], rec["height"], self.side,
-                                         self.vocab))
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return pixel_values, _stack(targets)
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: tuple[int, bool, bool]) -> tuple[torch.Tensor, PatchTargets]:
+        index, h_flip, v_flip = key
+        rec = self.records[index]
+        with Image.open(rec["image"]) as img:
+            image = img.convert("RGB")
+        image = ImageOps.mirror(image) if h_flip else image
+        image = ImageOps.flip(image) if v_flip else image
+        objects = _flipped(rec["objects"], rec["width"], rec["height"], h_flip, v_flip)
+        targets = patch_targets(objects, rec["scene_class"], rec["width"], rec["height"], self.side, self.vocab)
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0], targets
+
+
+def _collate(items: list[tuple[torch.Tensor, PatchTargets]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return torch.stack([pixels for pixels, _ in items]), _stack([targets for _, targets in items])
+
+
+def _key_batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator):
+    """Endless batches of ``(index, h_flip, v_flip)`` keys: epochs of shuffled ``indices``, random flips
+    (batches of all ``indices`` when there are fewer than ``batch_size``)."""
+    batch_size = min(batch_size, len(indices))
+    while True:
+        order = rng.permutation(indices)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            flips = rng.random((batch_size, 2)) < 0.5
+            yield [(int(i), bool(h), bool(v)) for i, (h, v) in zip(order[start:start + batch_size], flips)]
+
+
+def _loader(samples: _PatchSamples, key_batches, workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(samples, batch_sampler=key_batches, collate_fn=_collate, num_workers=workers)
 
 
 def _image_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -245,15 +265,19 @@ def _image_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _held_out_check(model, heads: PatchHeads, batches: _Batches, indices: np.ndarray) -> dict[str, float]:
+def _held_out_check(model, heads: PatchHeads, samples: _PatchSamples, indices: np.ndarray,
+                    workers: int) -> dict[str, float]:
     """Count accuracy from the centre heads (sum of rates per class, rounded), box-centre error
     in patches and colour accuracy at centre patches, on images Stage 0 did not train on."""
     model.eval()
     exact = total = 0
     centre_err, colour_hits, colour_n = [], 0, 0
-    for start in range(0, len(indices), 16):
-        pixel_values, targets = batches.batch(indices[start:start + 16], flip=False)
-        out = heads(_image_tokens(model, pixel_values))
+    device = next(model.parameters()).device
+    keys = [[(int(i), False, False) for i in indices[start:start + 16]] for start in range(0, len(indices), 16)]
+    for pixel_values, targets in _loader(samples, keys, workers):
+        targets = {name: t.to(device) for name, t in targets.items()}
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            out = heads(_image_tokens(model, pixel_values.to(device)))
         predicted = out["centres"].float().exp().sum(dim=1).round()
         truth = targets["centres"].sum(dim=1)
         present = truth > 0
@@ -271,12 +295,14 @@ def _held_out_check(model, heads: PatchHeads, batches: _Batches, indices: np.nda
 
 
 def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabulary, seconds: float, lr: float,
-                    batch_size: int, seed: int, held_out: int = 64, log_every: int = 25) -> VisionPretrainReport:
+                    batch_size: int, seed: int, held_out: int = 64, log_every: int = 25,
+                    workers: int = 0) -> VisionPretrainReport:
     """Train the vision tower and projector of ``model`` in place with :class:`PatchHeads` for about ``seconds``.
 
-    The step count is planned from a measured step time (AdamW, warmup 5 %, cosine to 10 % of
-    ``lr``, gradient norm clipped at 1); the run stops early if it falls behind. The last
-    ``held_out`` images are kept out of training for the closing check.
+    Trains on the model's device (bf16 autocast on CUDA). The step count is planned from a
+    measured step time (AdamW, warmup 5 %, cosine to 10 % of ``lr``, gradient norm clipped at
+    1); the run stops early if it falls behind. The last ``held_out`` images are kept out of
+    training for the closing check.
 
     Args:
         model: a dense or MoE SkyMoE (fp32); only ``vision_tower`` and ``multi_modal_projector`` change.
@@ -289,6 +315,7 @@ def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabular
         seed: data order and flips.
         held_out: images kept for the closing check.
         log_every: log the loss terms every this many steps.
+        workers: loader processes decoding images (0 = in this process).
     """
     records = read_object_annotations(objects_jsonl)
     if len(records) <= held_out:
@@ -297,15 +324,19 @@ def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabular
     vision = model.config.vision_config
     side = vision.image_size // vision.patch_size
     torch.manual_seed(seed)
-    heads = PatchHeads(model.config.text_config.hidden_size, vocab)
+    device = next(model.parameters()).device
+    heads = PatchHeads(model.config.text_config.hidden_size, vocab).to(device)
     params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
     optimizer = torch.optim.AdamW([*params, *heads.parameters()], lr=lr, weight_decay=0.0)
-    batches = _Batches(records, processor.image_processor, side, vocab, seed)
+    samples = _PatchSamples(records, processor.image_processor, side, vocab)
+    batches = iter(_loader(samples, _key_batches(train_ids, batch_size, np.random.default_rng(seed)), workers))
     model.train()
 
-    def step(indices) -> dict[str, float]:
-        pixel_values, targets = batches.batch(indices)
-        losses = head_losses(heads(_image_tokens(model, pixel_values)), targets)
+    def step() -> dict[str, float]:
+        pixel_values, targets = next(batches)
+        targets = {name: t.to(device) for name, t in targets.items()}
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            losses = head_losses(heads(_image_tokens(model, pixel_values.to(device))), targets)
         loss = sum(losses.values())
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*params, *heads.parameters()], 1.0)
@@ -313,32 +344,28 @@ def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabular
         optimizer.zero_grad(set_to_none=True)
         return {"loss": loss.item(), **{name: v.item() for name, v in losses.items()}}
 
-    order = batches.rng.permutation(train_ids)
-    position = 0
-
-    def next_indices() -> np.ndarray:
-        nonlocal order, position
-        if position + batch_size > len(order):
-            order, position = batches.rng.permutation(train_ids), 0
-        position += batch_size
-        return order[position - batch_size:position]
-
+    # timing at lr 0 (the weights must not move), once the batches the loader workers prefetched
+    # (two each) are used up, so a stage bound by image decoding is timed as such
     for group in optimizer.param_groups:
-        group["lr"] = 0.0  # the timing step must not move the weights
+        group["lr"] = 0.0
     start = time.monotonic()
-    step(next_indices())
-    per_step = time.monotonic() - start
-    total = max(1, int(0.9 * (seconds - per_step) / per_step))
+    for _ in range(2 * workers + 1):
+        step()
+    timed = time.monotonic()
+    for _ in range(max(3, workers)):
+        step()
+    per_step = (time.monotonic() - timed) / max(3, workers)
+    total = max(1, int(0.9 * (seconds - (time.monotonic() - start)) / per_step))
     warmup = max(1, total // 20)
-    logger.info("stage 0 (vision): %d images, %.2f s/step measured -> %d steps of %d images",
-                len(train_ids), per_step, total, batch_size)
+    logger.info("stage 0 (vision) on %s: %d images, %.3f s/step measured -> %d steps of %d images",
+                device, len(train_ids), per_step, total, batch_size)
     report = VisionPretrainReport(len(train_ids), total, 0, 0.0, per_step)
     for t in range(total):
         progress = t / max(1, total - 1)
         scale = (t + 1) / warmup if t < warmup else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
             group["lr"] = lr * scale
-        losses = step(next_indices())
+        losses = step()
         report.steps_done = t + 1
         report.first_losses = report.first_losses or losses
         report.last_losses = losses
@@ -348,8 +375,9 @@ def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabular
         if time.monotonic() - start > seconds:
             logger.warning("stage 0: out of its time share at step %d of %d", t + 1, total)
             break
+    del batches  # stops the loader's workers
     report.seconds = time.monotonic() - start
-    report.seconds_per_step = report.seconds / (report.steps_done + 1)
-    report.held_out = _held_out_check(model, heads, batches, check_ids)
+    report.seconds_per_step = report.seconds / (report.steps_done + 2 * workers + 1 + max(3, workers))
+    report.held_out = _held_out_check(model, heads, samples, check_ids, workers)
     logger.info("stage 0 held-out check: %s", json.dumps(report.held_out))
     return report
