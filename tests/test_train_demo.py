@@ -119,7 +119,8 @@ def test_demo_recipe_ran_both_stages_and_reports_them(demo_run):
     assert not bad and all(len(r.turns) >= 2 for r in records)
     assert any("augmentation" in line for line in (work / "moe.jsonl").read_text().splitlines())
     card = (out / "README.md").read_text()
-    assert "synthetic" in card.lower() and "python -m train.demo" in card
+    assert "synthetic" in card.lower() and "python -m train.demo --config train/configs/demo.yaml" in card
+    assert summary["config_file"] == "train/configs/demo.yaml"
 
 
 def test_cli_rejects_a_bad_config_field(tmp_path, capsys):

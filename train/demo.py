@@ -510,7 +510,7 @@ def _seconds_per_step(model, dataset, collator, tcfg: DemoTraining) -> float:
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(**batch).loss
         loss.backward()
-        float(loss)  # waits for the device, as the loop's logging does
+        float(loss.detach())  # waits for the device, as the loop's logging does
 
     for _ in range(warm):
         micro_step()
@@ -591,8 +591,8 @@ def _summary_card(cfg: DemoConfig, summary: dict) -> str:
                        f"{p['seconds'] / 60:.1f} | {p['final_loss']:.3f} |" for p in summary["phases"])
     return f"""# SkyMoE demo checkpoint (synthetic domain only)
 
-A small SkyMoE trained from scratch by `python -m train.demo --out {summary['out']} --budget-minutes
-{cfg.training.budget_minutes:g} --seed {cfg.seed}` in {summary['minutes']:.1f} minutes on {summary['device']}.
+A small SkyMoE trained from scratch by `python -m train.demo --config {summary['config_file']} --out
+{summary['out']} --budget-minutes {cfg.training.budget_minutes:g} --seed {cfg.seed}` in {summary['minutes']:.1f} minutes on {summary['device']}.
 It exists so the app works out of the box; it has only ever seen procedurally generated
 scenes (`train.synthetic`) and is **not** a remote-sensing model for real imagery.
 
@@ -632,8 +632,11 @@ phrasings are those of the generator. Expect nothing useful on real imagery.
 # ----------------------------------------------------------------------------- the recipe
 
 
-def run_demo(cfg: DemoConfig, out_dir: Path, work_dir: Path) -> dict:
-    """The whole recipe (module docstring); returns the training summary written beside the weights."""
+def run_demo(cfg: DemoConfig, out_dir: Path, work_dir: Path, config_file: str | Path = DEFAULT_CONFIG) -> dict:
+    """The whole recipe (module docstring); returns the training summary written beside the weights.
+
+    ``config_file`` is only recorded (summary and card): ``cfg`` holds the settings.
+    """
     start = time.monotonic()
     budget_s = cfg.training.budget_minutes * 60
     if cfg.training.threads:
@@ -666,6 +669,7 @@ def run_demo(cfg: DemoConfig, out_dir: Path, work_dir: Path) -> dict:
     save_model_folder(model.eval(), processor, out_dir, torch.bfloat16)
     summary = {
         "out": str(out_dir), "minutes": (time.monotonic() - start) / 60, "config": asdict(cfg),
+        "config_file": _shown_path(config_file),
         "device": (f"{torch.get_num_threads()} CPU threads" if not torch.cuda.is_available()
                    else f"one {torch.cuda.get_device_name()} GPU"),
         "vocab": len(tokenizer), "params": params, "moe_layers": model.config.moe_layers,
@@ -697,6 +701,13 @@ def _cached_data(work_dir: Path, cfg: DemoConfig) -> tuple[Path, Path, Path, Pat
     val_path = build_synthetic_benchmark(work_dir / "val", cfg.data.val_scenes * 5, seed=cfg.seed + 1)
     stamp.write_text(json.dumps(wanted))
     return dense_jsonl, moe_jsonl, objects_jsonl, val_path
+
+
+def _shown_path(path: str | Path) -> str:
+    """``path`` relative to the repository when it lies inside it (train/configs/...), else as given."""
+    repo = Path(__file__).resolve().parent.parent
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(repo)) if resolved.is_relative_to(repo) else str(path)
 
 
 def _patch_vocabulary() -> PatchVocabulary:
@@ -748,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="skymoe-demo-") as tmp:
         work = Path(args.work_dir) if args.work_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        summary = run_demo(cfg, out, work.resolve())
+        summary = run_demo(cfg, out, work.resolve(), args.config)
     print(f"wrote {out} in {summary['minutes']:.1f} min; evaluate with: python -m train.eval --model {out} "
           f"--synthetic --seed <never used in training> --n 500 --out <metrics.json>")
     return 0
