@@ -34,6 +34,7 @@ overrun its share of the budget.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import logging
@@ -281,18 +282,19 @@ def _cda_records(scene, work_dir: Path, rng: np.random.Generator, cfg: DemoData)
     return records, object_lines
 
 
-def _scene_records(job: tuple) -> tuple[list[dict], list[dict]]:
-    """Conversations and object lines of one scene (and of its CDA variants when ``augment``).
+def _scene_records(indexed_scene: tuple, work_dir: Path, cfg: DemoData, seed: int) -> tuple[list[dict], list[dict]]:
+    """Conversations and object lines of scene ``(index, scene)`` and, for every
+    ``1 / cda_share``-th scene, of its CDA variants.
 
     Each scene draws from its own generator (``[seed, 7, index]``), so the data are the same
     whichever worker builds them.
     """
-    scene, index, augment, work_dir, cfg, seed = job
+    index, scene = indexed_scene
     rng = np.random.default_rng([seed, 7, index])
     ref = str(Path(scene.image_path).relative_to(work_dir))
     records = [pack_conversation(make_samples(scene, ref), asdict(cfg.turns), rng)]
     object_lines = [_object_line(scene, ref)]
-    if augment:
+    if cfg.cda_share > 0 and index % max(1, round(1 / cfg.cda_share)) == 0:
         variant_records, variant_objects = _cda_records(scene, work_dir, rng, cfg)
         records += variant_records
         object_lines += variant_objects
@@ -312,13 +314,12 @@ def build_training_data(work_dir: Path, cfg: DemoData, seed: int) -> tuple[Path,
         :mod:`train.vision_pretrain`: every scene and variant).
     """
     scenes = generate_dataset(work_dir, cfg.scenes, seed=seed, difficulty=(0.0, 1.0), workers=cfg.workers)
-    cda_every = max(1, round(1 / cfg.cda_share)) if cfg.cda_share > 0 else 0
-    jobs = [(scene, i, bool(cda_every) and i % cda_every == 0, work_dir, cfg, seed) for i, scene in enumerate(scenes)]
+    build = functools.partial(_scene_records, work_dir=work_dir, cfg=cfg, seed=seed)
     if cfg.workers > 1:
         with multiprocessing.get_context("fork").Pool(cfg.workers) as pool:
-            per_scene = pool.map(_scene_records, jobs, chunksize=8)
+            per_scene = pool.map(build, enumerate(scenes), chunksize=8)
     else:
-        per_scene = [_scene_records(job) for job in jobs]
+        per_scene = list(map(build, enumerate(scenes)))
     dense, full, object_lines = [], [], []
     lo, hi = cfg.dense_difficulty
     for i, (records, lines) in enumerate(per_scene):
