@@ -33,6 +33,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 import skymoe  # noqa: E402
 from train.dataset import InstructionDataset, PaddingCollator, read_instruction_jsonl  # noqa: E402
 from train.demo import DemoData, DemoModel, _conversation_texts, build_demo_model, build_training_data  # noqa: E402
+from train.loop import bf16_autocast  # noqa: E402
 
 
 def _synchronize(device: torch.device) -> None:
@@ -57,7 +58,7 @@ def model_rate(model, batches: list[dict], device: torch.device, steps: int) -> 
     model.train()
 
     def step(batch):
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with bf16_autocast(device):
             loss = model(**batch).loss
         loss.backward()
         model.zero_grad(set_to_none=True)
@@ -75,7 +76,7 @@ def model_rate(model, batches: list[dict], device: torch.device, steps: int) -> 
 def top_operators(model, batch: dict, device: torch.device, rows: int) -> str:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with bf16_autocast(device):
             loss = model(**batch).loss
         loss.backward()
         _synchronize(device)

@@ -58,7 +58,7 @@ from train.config import ConfigError, LoopConfig, OptimConfig, load_config
 from train.dataset import InstructionDataset, PaddingCollator, read_instruction_jsonl
 from train.eval import SampleResult, group_queries, build_synthetic_benchmark, score_results
 from train.instructions import InstructionSample, SampleOptions, make_samples, write_jsonl
-from train.loop import train
+from train.loop import bf16_autocast, train
 from train.stage1 import save_model_folder
 from train.stage2 import set_trainable
 from train.synthetic import generate_dataset
@@ -508,7 +508,7 @@ def _seconds_per_step(model, dataset, collator, tcfg: DemoTraining) -> float:
 
     def micro_step() -> None:
         batch = {k: v.to(device) for k, v in next(batches).items()}
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with bf16_autocast(device):
             loss = model(**batch).loss
         loss.backward()
         float(loss.detach())  # waits for the device, as the loop's logging does

@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from train.config import LoopConfig, OptimConfig
 
 __all__ = [
+    "bf16_autocast",
     "CheckpointError",
     "CheckpointWriteError",
     "CheckpointMismatchError",
@@ -414,13 +415,23 @@ def _check_params(folder: Path, saved: dict, expected: dict) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 
+def _has_bf16(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def bf16_autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on ``device`` where the loop trains in bf16 (CUDA with bf16), a no-op elsewhere:
+    for steps run outside the loop (Stage 0, step timing) at the loop's precision."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=_has_bf16(device))
+
+
 def _make_accelerator(loop_cfg: LoopConfig):
     from accelerate import Accelerator, PartialState
 
     cpu = not torch.cuda.is_available()  # CPU-only: torchrun workers join a gloo group (tests, debugging)
     world = PartialState(cpu=cpu).num_processes
     accum = accumulation_steps(loop_cfg.global_batch_size, loop_cfg.per_device_batch_size, world)
-    bf16 = loop_cfg.bf16 and not cpu and torch.cuda.is_bf16_supported()
+    bf16 = loop_cfg.bf16 and not cpu and _has_bf16(torch.device("cuda"))
     if loop_cfg.bf16 and not bf16:
         logger.info("bf16 requested but this hardware has no bf16 CUDA; training in fp32")
     accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=accum, mixed_precision="bf16" if bf16 else "no")

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
+from train.loop import bf16_autocast
+
 __all__ = ["PatchVocabulary", "PatchTargets", "patch_targets", "PatchHeads", "read_object_annotations",
            "VisionPretrainReport", "pretrain_vision"]
 
@@ -276,7 +278,7 @@ def _held_out_check(model, heads: PatchHeads, samples: _PatchSamples, indices: n
     keys = [[(int(i), False, False) for i in indices[start:start + 16]] for start in range(0, len(indices), 16)]
     for pixel_values, targets in _loader(samples, keys, workers):
         targets = {name: t.to(device) for name, t in targets.items()}
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with bf16_autocast(device):
             out = heads(_image_tokens(model, pixel_values.to(device)))
         predicted = out["centres"].float().exp().sum(dim=1).round()
         truth = targets["centres"].sum(dim=1)
@@ -335,7 +337,7 @@ def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabular
     def step() -> dict[str, float]:
         pixel_values, targets = next(batches)
         targets = {name: t.to(device) for name, t in targets.items()}
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with bf16_autocast(device):
             losses = head_losses(heads(_image_tokens(model, pixel_values.to(device))), targets)
         loss = sum(losses.values())
         loss.backward()
