@@ -65,6 +65,15 @@ class SkyMoEConfig(LlavaConfig):
         image_seq_length: Image tokens per image; derived from the vision config
             (``(image_size // patch_size) ** 2``, +1 with the ``"full"`` feature strategy) when
             ``None``; a different explicit value is an error.
+        image_position_embedding: ``"none"`` (LLaVA, the default): image tokens carry only what
+            the vision tower kept of where they are. ``"2d"``: the projector adds a learned
+            column embedding (first half of the width) and row embedding (second half) to each
+            projected patch token, initialised as sine/cosine codes of the patch centre on the
+            0-100 box grid. The language model's RoPE only orders tokens; it cannot copy a
+            patch's absolute place into an answer, so a tower that drops its position
+            embeddings (one trained from scratch on position-free targets does) leaves the
+            model unable to say where anything is. Needs the ``"default"`` feature strategy
+            (no class token) and a text width that is a multiple of 4.
     """
 
     model_type = "skymoe"
@@ -95,6 +104,7 @@ class SkyMoEConfig(LlavaConfig):
     norm_topk_prob: bool = True
     router_mode: Literal["token", "task"] = "token"
     num_tasks: int = NUM_TASKS
+    image_position_embedding: Literal["none", "2d"] = "none"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -110,7 +120,7 @@ class SkyMoEConfig(LlavaConfig):
             num_layers = self.text_config.num_hidden_layers
             self.moe_layers = default_moe_layers(num_layers) if self.num_experts > 1 else []
         self.moe_layers = sorted(int(i) for i in self.moe_layers)
-        self._check_moe_fields()
+        self._check_fields()
 
     @property
     def image_grid_size(self) -> int:
@@ -122,8 +132,8 @@ class SkyMoEConfig(LlavaConfig):
         """True when at least one decoder layer is a MoE layer."""
         return len(self.moe_layers) > 0
 
-    def _check_moe_fields(self) -> None:
-        """Check the MoE fields (called at the end of ``__post_init__``).
+    def _check_fields(self) -> None:
+        """Check the MoE, task and image-position fields (called at the end of ``__post_init__``).
 
         Raises:
             SkyMoEConfigError: (a ``ValueError``) naming the bad field and value.
@@ -147,6 +157,17 @@ class SkyMoEConfig(LlavaConfig):
             )
         if len(set(self.moe_layers)) != len(self.moe_layers):
             raise SkyMoEConfigError(f"moe_layers has duplicates: {self.moe_layers}")
+        if self.image_position_embedding == "2d":
+            if self.vision_feature_select_strategy != "default":
+                raise SkyMoEConfigError(
+                    'image_position_embedding="2d" codes the patch grid; it needs vision_feature_select_strategy='
+                    f'"default" (no class token), got {self.vision_feature_select_strategy!r}'
+                )
+            if self.text_config.hidden_size % 4:
+                raise SkyMoEConfigError(
+                    'image_position_embedding="2d" splits the text width into sine/cosine halves for columns and '
+                    f"rows; text_config.hidden_size must be a multiple of 4, got {self.text_config.hidden_size}"
+                )
         if self.num_tasks < 1:
             raise SkyMoEConfigError(f"num_tasks must be >= 1, got {self.num_tasks}")
         if self.vision_config.image_size % self.vision_config.patch_size:

@@ -27,10 +27,12 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration import SkyMoEConfig
 from .moe import SkyMoESparseBlock, SkyMoETaskBias, load_balancing_loss, record_router_outputs
+from .position_codes import patch_grid_codes
 
 __all__ = [
     "SkyMoECausalLMOutputWithPast",
     "SkyMoEDecoderLayer",
+    "SkyMoEMultiModalProjector",
     "SkyMoETextModel",
     "SkyMoEPreTrainedModel",
     "SkyMoEModel",
@@ -113,11 +115,49 @@ class SkyMoETextModel(LlamaModel):
             init.zeros_(module.weight)
 
 
+class SkyMoEMultiModalProjector(LlavaMultiModalProjector):
+    """Llava's 2-layer MLP projector, plus 2-D patch position embeddings when the config asks.
+
+    With ``image_position_embedding="2d"`` each projected patch token gets ``column[c]`` in the
+    first half of its width and ``row[r]`` in the second (see :class:`SkyMoEConfig`); the
+    patches come row-major, row 0 at the top of the image.
+    """
+
+    def __init__(self, config: SkyMoEConfig):
+        super().__init__(config)
+        self.position_embedding = config.image_position_embedding
+        if self.position_embedding == "2d":
+            side, half = config.image_grid_size, config.text_config.hidden_size // 2
+            # Parameters of this module, not nn.Embedding children: the init below must run after
+            # (not be overwritten by) the generic embedding init.
+            self.column_embedding = nn.Parameter(torch.empty(side, half))
+            self.row_embedding = nn.Parameter(torch.empty(side, half))
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        """``(num_images, grid_size**2, vision width)`` -> ``(num_images, grid_size**2, text width)``."""
+        tokens = super().forward(image_features)
+        if self.position_embedding == "2d":
+            side, half = self.column_embedding.shape
+            columns = self.column_embedding[None, :, :].expand(side, side, half)
+            rows = self.row_embedding[:, None, :].expand(side, side, half)
+            tokens = tokens + torch.cat([columns, rows], dim=-1).reshape(side * side, 2 * half).to(tokens.dtype)
+        return tokens
+
+
 class SkyMoEPreTrainedModel(LlavaPreTrainedModel):
     """Base class binding :class:`SkyMoEConfig` to the Llava pre-trained-model machinery."""
 
     config: SkyMoEConfig
     _no_split_modules = ["LlamaDecoderLayer", "SkyMoEDecoderLayer", "CLIPEncoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Llava's init; 2-D patch position embeddings start as sine/cosine codes of the patch centres."""
+        super()._init_weights(module)
+        if isinstance(module, SkyMoEMultiModalProjector) and module.position_embedding == "2d":
+            codes = patch_grid_codes(*module.column_embedding.shape)
+            init.copy_(module.column_embedding, codes)
+            init.copy_(module.row_embedding, codes)
 
 
 class SkyMoEModel(SkyMoEPreTrainedModel, LlavaModel):
@@ -127,7 +167,7 @@ class SkyMoEModel(SkyMoEPreTrainedModel, LlavaModel):
         # LlavaModel.__init__ would build a dense language model through AutoModel; build ours instead.
         super(LlavaModel, self).__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
-        self.multi_modal_projector = LlavaMultiModalProjector(config)
+        self.multi_modal_projector = SkyMoEMultiModalProjector(config)
         self.language_model = SkyMoETextModel(config)
         self.post_init()
 

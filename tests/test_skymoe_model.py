@@ -42,9 +42,11 @@ def test_default_moe_layers_are_every_second_odd_layer():
         ({"num_experts": 4, "num_experts_per_tok": 5}, r"num_experts_per_tok must lie in \[1, num_experts=4\]"),
         ({"num_experts": 1, "moe_layers": [1]}, r"needs num_experts >= 2"),
         ({"image_seq_length": 576}, r"image_seq_length=576 but the vision tower gives 16 image tokens"),
+        ({"image_position_embedding": "2d", "vision_feature_select_strategy": "full"},
+         r'image_position_embedding="2d" .* needs vision_feature_select_strategy="default"'),
     ],
 )
-def test_bad_moe_fields_raise_value_error(overrides, message):
+def test_bad_config_fields_raise_value_error(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)
 
@@ -189,3 +191,49 @@ def test_full_size_layout_builds_on_meta_device():
     assert len(config.moe_layers) == 16 and config.num_experts == 8 and config.num_experts_per_tok == 2
     total = sum(p.numel() for p in model.parameters())
     assert 22.0e9 < total < 22.5e9
+
+
+def test_2d_position_embedding_tells_identical_patches_apart_and_trains():
+    """image_position_embedding="2d": token (r, c) = projector MLP + [column[c], row[r]], codes at init."""
+    from skymoe.position_codes import patch_grid_codes
+
+    plain, placed = _model(), _model(image_position_embedding="2d")
+    projector = placed.model.multi_modal_projector
+    side, half = placed.config.image_grid_size, placed.config.text_config.hidden_size // 2
+    assert torch.equal(projector.column_embedding, patch_grid_codes(side, half))
+    assert not hasattr(plain.model.multi_modal_projector, "column_embedding")
+
+    # the same vision feature at every patch: only the position embeddings can tell the patches apart
+    features = torch.randn(1, 1, placed.config.vision_config.hidden_size).expand(1, side * side, -1)
+    with torch.no_grad():
+        plain_tokens = plain.model.multi_modal_projector(features)[0]
+        placed_tokens = projector(features)[0]
+    assert torch.allclose(plain_tokens, plain_tokens[0].expand_as(plain_tokens))
+    offsets = (placed_tokens - placed_tokens[0]).reshape(side, side, 2 * half)  # relative to patch (0, 0)
+    for r, c in [(0, 3), (2, 1), (3, 3)]:
+        assert torch.allclose(offsets[r, c, :half], projector.column_embedding[c] - projector.column_embedding[0], atol=1e-5)
+        assert torch.allclose(offsets[r, c, half:], projector.row_embedding[r] - projector.row_embedding[0], atol=1e-5)
+    assert offsets[1:, 0].abs().amax() > 0.1 and offsets[0, 1:].abs().amax() > 0.1  # rows and columns differ
+
+    ids, pixels, mask = _inputs(placed.config)
+    placed.train()
+    placed(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=ids).loss.backward()
+    assert projector.column_embedding.grad.abs().sum() > 0 and projector.row_embedding.grad.abs().sum() > 0
+
+
+def test_2d_position_embedding_survives_upcycling_saving_and_4bit_loading(tmp_path):
+    from skymoe.upcycling import upcycle
+
+    dense = _model(image_position_embedding="2d", moe_layers=[], num_experts=1)
+    with torch.no_grad():
+        dense.model.multi_modal_projector.row_embedding.mul_(3.0)  # a trained value, not the init
+    moe = upcycle(dense, num_experts=8, num_experts_per_tok=2)
+    assert torch.equal(moe.model.multi_modal_projector.row_embedding, dense.model.multi_modal_projector.row_embedding)
+
+    folder = skymoe.make_tiny_checkpoint(tmp_path / "ckpt", image_position_embedding="2d")
+    saved = SkyMoEForConditionalGeneration.from_pretrained(folder).model.multi_modal_projector
+    loaded = skymoe.load_model(folder, quant="4bit", device="cpu").model
+    assert loaded.config.image_position_embedding == "2d"
+    projector = loaded.model.multi_modal_projector
+    assert torch.equal(projector.column_embedding.float(), saved.column_embedding)
+    assert torch.equal(projector.row_embedding.float(), saved.row_embedding)

@@ -149,7 +149,8 @@ def test_phase_stops_at_a_chunk_boundary_when_the_machine_is_slower_than_measure
 
 def test_position_codes_make_neighbours_similar_and_stay_trainable():
     """init_position_codes: patch positions and grid tokens start as smooth codes of where they are."""
-    from train.demo import build_demo_model, sincos_codes
+    from skymoe.position_codes import sincos_codes
+    from train.demo import build_demo_model
 
     codes = sincos_codes(torch.arange(101), 64, 4.0, 400.0)
     assert codes.shape == (101, 64) and codes.abs().max() <= 1.0

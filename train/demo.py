@@ -52,6 +52,7 @@ import torch
 from PIL import Image
 
 import skymoe
+from skymoe.position_codes import sincos_codes
 from skymoe.prompts import render_conversation
 from train.cda import CdaOptions, augment_image
 from train.config import ConfigError, LoopConfig, OptimConfig, load_config
@@ -75,7 +76,6 @@ __all__ = [
     "build_training_data",
     "pack_conversation",
     "demo_model_config",
-    "sincos_codes",
     "init_position_codes",
     "build_demo_model",
     "quick_eval",
@@ -100,6 +100,8 @@ class DemoModel:
         text_hidden / text_intermediate / text_layers / text_heads: Llama decoder.
         bpe_vocab: BPE vocabulary before the added grid/digit tokens.
         num_experts / top_k / aux_loss_coef: Stage II MoE (every second layer, odd indices).
+        image_position_embedding: ``"none"`` or ``"2d"``: 2-D patch position embeddings added
+            to the projected image tokens (``skymoe.SkyMoEConfig``).
     """
 
     image_size: int = 504
@@ -115,6 +117,7 @@ class DemoModel:
     num_experts: int = 4
     top_k: int = 2
     aux_loss_coef: float = 0.01
+    image_position_embedding: str = "none"
 
 
 @dataclass
@@ -358,26 +361,8 @@ def demo_model_config(cfg: DemoModel, tokenizer) -> skymoe.SkyMoEConfig:
         vision_config=vision, text_config=text, num_experts=1, moe_layers=[],
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,  # a 4-layer tower has no spare layer to skip
-        router_aux_loss_coef=cfg.aux_loss_coef,
+        router_aux_loss_coef=cfg.aux_loss_coef, image_position_embedding=cfg.image_position_embedding,
     )
-
-
-def sincos_codes(positions: torch.Tensor, dim: int, min_wavelength: float, max_wavelength: float) -> torch.Tensor:
-    """Sine/cosine codes of 1-D positions, ``dim`` values each (``dim / 2`` geometric wavelengths).
-
-    Args:
-        positions: positions in any unit, shape ``(n,)``.
-        dim: even code width.
-        min_wavelength / max_wavelength: shortest and longest period, in the unit of ``positions``.
-
-    Returns:
-        ``(n, dim)`` float32, values in [-1, 1]: sines in the first half, cosines in the second.
-    """
-    if dim % 2:
-        raise ValueError(f"sincos_codes needs an even width, got {dim}")
-    wavelengths = torch.logspace(math.log10(min_wavelength), math.log10(max_wavelength), dim // 2)
-    angles = 2 * math.pi * positions.float()[:, None] / wavelengths[None, :]
-    return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
 def init_position_codes(model: skymoe.SkyMoEForConditionalGeneration, tokenizer,
