@@ -169,6 +169,10 @@ def test_position_codes_make_neighbours_similar_and_stay_trainable():
     assert patches.shape[0] == side * side + 1 and torch.count_nonzero(patches[0]) == 0
     assert patches[1:].abs().max() <= 0.5 and patches[1:].std() > 0.2  # ~25x CLIP's default std 0.02
     assert patches.requires_grad and rows.requires_grad
+    # the config's model.image_position_embedding reaches the model
+    placed, _ = build_demo_model(replace(TINY_MODEL, image_position_embedding="2d"), tokenizer, seed=0)
+    assert placed.config.image_position_embedding == "2d"
+    assert placed.model.multi_modal_projector.row_embedding.shape == (side, TINY_MODEL.text_hidden // 2)
 
 
 def test_training_data_are_the_same_whichever_worker_builds_a_scene(tmp_path):
