@@ -46,6 +46,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -117,7 +118,7 @@ class DemoModel:
     num_experts: int = 4
     top_k: int = 2
     aux_loss_coef: float = 0.01
-    image_position_embedding: str = "none"
+    image_position_embedding: Literal["none", "2d"] = "none"
 
 
 @dataclass
