@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import itertools
 import json
 import logging
 import math
@@ -60,7 +61,7 @@ from train.config import ConfigError, LoopConfig, OptimConfig, load_config
 from train.dataset import InstructionDataset, PaddingCollator, read_instruction_jsonl
 from train.eval import SampleResult, group_queries, build_synthetic_benchmark, score_results
 from train.instructions import InstructionSample, SampleOptions, make_samples, write_jsonl
-from train.loop import bf16_autocast, train
+from train.loop import bf16_autocast, seconds_per_call_after_prefetch, train
 from train.stage1 import save_model_folder
 from train.stage2 import set_trainable
 from train.synthetic import generate_dataset
@@ -481,15 +482,13 @@ def _seconds_per_step(model, dataset, collator, tcfg: DemoTraining) -> float:
     """Measured seconds of one optimizer step, times the accumulation of timed micro-batches.
 
     The micro-batches come from a DataLoader set up as the loop's (``loader_workers``
-    processes), each through forward and backward (gradients dropped). Timing starts once the
-    batches the workers prefetched (two each) are used up, so a step bound by data loading is
-    timed as such.
+    processes), each through forward and backward (gradients dropped), timed by
+    :func:`train.loop.seconds_per_call_after_prefetch`.
     """
     device = next(model.parameters()).device
-    workers = tcfg.loader_workers
-    warm, timed = 2 * workers + 1, max(3, workers)
-    plan = [[(b * tcfg.micro_batch + i) % len(dataset) for i in range(tcfg.micro_batch)] for b in range(warm + timed)]
-    batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=plan, collate_fn=collator, num_workers=workers))
+    plan = ([(b * tcfg.micro_batch + i) % len(dataset) for i in range(tcfg.micro_batch)] for b in itertools.count())
+    batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=plan, collate_fn=collator,
+                                               num_workers=tcfg.loader_workers))
     model.train()
 
     def micro_step() -> None:
@@ -499,12 +498,8 @@ def _seconds_per_step(model, dataset, collator, tcfg: DemoTraining) -> float:
         loss.backward()
         float(loss.detach())  # waits for the device, as the loop's logging does
 
-    for _ in range(warm):
-        micro_step()
-    start = time.perf_counter()
-    for _ in range(timed):
-        micro_step()
-    per_micro = (time.perf_counter() - start) / timed
+    per_micro, _ = seconds_per_call_after_prefetch(micro_step, tcfg.loader_workers)
+    del batches  # stops the loader's workers
     model.zero_grad(set_to_none=True)
     return per_micro * tcfg.global_batch / tcfg.micro_batch
 

@@ -32,6 +32,7 @@ import random
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from train.config import LoopConfig, OptimConfig
 
 __all__ = [
     "bf16_autocast",
+    "seconds_per_call_after_prefetch",
     "CheckpointError",
     "CheckpointWriteError",
     "CheckpointMismatchError",
@@ -423,6 +425,23 @@ def bf16_autocast(device: torch.device) -> torch.autocast:
     """bf16 autocast on ``device`` where the loop trains in bf16 (CUDA with bf16), a no-op elsewhere:
     for steps run outside the loop (Stage 0, step timing) at the loop's precision."""
     return torch.autocast(device.type, torch.bfloat16, enabled=_has_bf16(device))
+
+
+def seconds_per_call_after_prefetch(step: Callable[[], object], loader_workers: int) -> tuple[float, int]:
+    """Time ``step`` (one batch from a DataLoader with ``loader_workers`` processes, and its work)
+    once the batches those workers prefetched (two each) are used up, so a step bound by data
+    loading is timed as such: ``2 * workers + 1`` warm calls, then ``max(3, workers)`` timed ones.
+
+    Returns:
+        ``(seconds per timed call, calls made in all)``.
+    """
+    warm, timed = 2 * loader_workers + 1, max(3, loader_workers)
+    for _ in range(warm):
+        step()
+    start = time.perf_counter()
+    for _ in range(timed):
+        step()
+    return (time.perf_counter() - start) / timed, warm + timed
 
 
 def _make_accelerator(loop_cfg: LoopConfig):

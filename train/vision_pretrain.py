@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
-from train.loop import bf16_autocast
+from train.loop import bf16_autocast, seconds_per_call_after_prefetch
 
 __all__ = ["PatchVocabulary", "PatchTargets", "patch_targets", "PatchHeads", "read_object_annotations",
            "VisionPretrainReport", "pretrain_vision"]
@@ -351,12 +351,7 @@ def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabular
     for group in optimizer.param_groups:
         group["lr"] = 0.0
     start = time.monotonic()
-    for _ in range(2 * workers + 1):
-        step()
-    timed = time.monotonic()
-    for _ in range(max(3, workers)):
-        step()
-    per_step = (time.monotonic() - timed) / max(3, workers)
+    per_step, timing_steps = seconds_per_call_after_prefetch(step, workers)
     total = max(1, int(0.9 * (seconds - (time.monotonic() - start)) / per_step))
     warmup = max(1, total // 20)
     logger.info("stage 0 (vision) on %s: %d images, %.3f s/step measured -> %d steps of %d images",
@@ -379,7 +374,7 @@ def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabular
             break
     del batches  # stops the loader's workers
     report.seconds = time.monotonic() - start
-    report.seconds_per_step = report.seconds / (report.steps_done + 2 * workers + 1 + max(3, workers))
+    report.seconds_per_step = report.seconds / (report.steps_done + timing_steps)
     report.held_out = _held_out_check(model, heads, samples, check_ids, workers)
     logger.info("stage 0 held-out check: %s", json.dumps(report.held_out))
     return report
