@@ -43,6 +43,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from train.box_attention import BoxAttentionLoss
 from train.config import LoopConfig, OptimConfig
 
 __all__ = [
@@ -89,7 +90,8 @@ class StepLog:
         lr: learning rate used by the step.
         lm_loss: cross-entropy on answer tokens.
         aux_loss: router load-balancing loss (0 for a dense model), before alpha.
-        loss: the optimised total ``lm_loss + alpha * aux_loss``.
+        loss: the optimised total ``lm_loss + alpha * aux_loss + coef * box_attention_loss``.
+        box_attention_loss: :mod:`train.box_attention` loss before its coef (0 when not used).
     """
 
     step: int
@@ -98,6 +100,7 @@ class StepLog:
     lm_loss: float
     aux_loss: float
     loss: float
+    box_attention_loss: float = 0.0
 
 
 @dataclass
@@ -482,20 +485,27 @@ def _resume_folder(loop_cfg: LoopConfig) -> Path | None:
     return folder
 
 
-def _micro_step(accelerator, model, batch: dict[str, torch.Tensor]) -> tuple[float, float, float]:
-    """Forward + backward of one micro-batch; returns ``(lm, aux, total)`` losses."""
+def _micro_step(accelerator, model, batch: dict[str, torch.Tensor],
+                box_attention: BoxAttentionLoss | None) -> tuple[float, float, float, float]:
+    """Forward + backward of one micro-batch; returns ``(lm, aux, total, box attention)`` losses."""
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
     out = model(**batch)
     if out.loss is None:
         raise ValueError("the model returned no loss: the batch needs labels")
-    accelerator.backward(out.loss)
+    loss, box = out.loss, None
+    if box_attention is not None:
+        box = box_attention(batch["input_ids"], batch["labels"])
+        loss = loss + box_attention.coef * box
+    accelerator.backward(loss)
     lm = out.lm_loss if getattr(out, "lm_loss", None) is not None else out.loss
     aux = getattr(out, "aux_loss", None)
-    return float(lm.detach()), float(aux.detach()) if aux is not None else 0.0, float(out.loss.detach())
+    return (float(lm.detach()), float(aux.detach()) if aux is not None else 0.0, float(loss.detach()),
+            float(box.detach()) if box is not None else 0.0)
 
 
 def train(model: torch.nn.Module, dataset: Sequence, collate_fn: Callable, loop_cfg: LoopConfig,
-          optim_cfg: OptimConfig, run_config: dict | None = None, stop_after: int | None = None) -> TrainResult:
+          optim_cfg: OptimConfig, run_config: dict | None = None, stop_after: int | None = None,
+          box_attention: BoxAttentionLoss | None = None) -> TrainResult:
     """Train ``model`` on ``dataset``; checkpoint and resume as configured.
 
     The model's forward takes the collated batch and returns ``loss`` (total),
@@ -511,6 +521,8 @@ def train(model: torch.nn.Module, dataset: Sequence, collate_fn: Callable, loop_
         run_config: the whole stage config, stored in checkpoints.
         stop_after: stop after this optimizer step as if interrupted (tests, time-boxed jobs);
             the schedule still spans the whole run.
+        box_attention: an auxiliary :class:`train.box_attention.BoxAttentionLoss` of the same
+            model, added with its coef (the model runs with eager attention meanwhile).
 
     Returns:
         :class:`TrainResult` with the per-step log.
@@ -540,13 +552,15 @@ def train(model: torch.nn.Module, dataset: Sequence, collate_fn: Callable, loop_
         logger.info("resumed from %s at step %d", resume, state["step"])
     else:
         _seed_everything(loop_cfg.seed)
-    _run_steps(accelerator, model, optimizer, dataset, collate_fn, loop_cfg, optim_cfg, geometry,
-               result, run_config or {}, stop_after)
+    with box_attention.attached() if box_attention is not None else contextlib.nullcontext():
+        _run_steps(accelerator, model, optimizer, dataset, collate_fn, loop_cfg, optim_cfg, geometry,
+                   result, run_config or {}, stop_after, box_attention)
     return result
 
 
 def _run_steps(accelerator, model, optimizer, dataset, collate_fn, loop_cfg: LoopConfig, optim_cfg: OptimConfig,
-               geometry: _Geometry, result: TrainResult, run_config: dict, stop_after: int | None) -> None:
+               geometry: _Geometry, result: TrainResult, run_config: dict, stop_after: int | None,
+               box_attention: BoxAttentionLoss | None) -> None:
     """The loop proper: steps ``result.last_step .. total`` with logging and checkpoints."""
     output_dir = Path(loop_cfg.output_dir)
     warmup = math.ceil(optim_cfg.warmup_ratio * geometry.total_steps)
@@ -571,14 +585,15 @@ def _run_steps(accelerator, model, optimizer, dataset, collate_fn, loop_cfg: Loo
                 break
             lr = cosine_lr(step, geometry.total_steps, warmup, optim_cfg.lr, optim_cfg.lr * optim_cfg.min_lr_ratio)
             losses = _optimizer_step(accelerator, model, optimizer, trainable, batches, geometry.accum, lr,
-                                     optim_cfg.max_grad_norm)
+                                     optim_cfg.max_grad_norm, box_attention)
             step += 1
             record = StepLog(step, epoch, lr, *losses)
             result.history.append(record)
             result.last_step = step
             if accelerator.is_main_process:
-                logger.info("step %d/%d epoch %d lr %.3g loss %.4f (lm %.4f aux %.4f)", step,
-                            geometry.total_steps, epoch, lr, record.loss, record.lm_loss, record.aux_loss)
+                logger.info("step %d/%d epoch %d lr %.3g loss %.4f (lm %.4f aux %.4f box attention %.4f)", step,
+                            geometry.total_steps, epoch, lr, record.loss, record.lm_loss, record.aux_loss,
+                            record.box_attention_loss)
                 with log_file.open("a") as fh:
                     fh.write(json.dumps(asdict(record)) + "\n")
             if loop_cfg.save_every_steps and step % loop_cfg.save_every_steps == 0:
@@ -586,18 +601,18 @@ def _run_steps(accelerator, model, optimizer, dataset, collate_fn, loop_cfg: Loo
                                                      geometry, result.history, run_config, loop_cfg.keep_checkpoints)
 
 
-def _optimizer_step(accelerator, model, optimizer, trainable, batches, accum: int, lr: float,
-                    max_grad_norm: float) -> tuple[float, float, float]:
+def _optimizer_step(accelerator, model, optimizer, trainable, batches, accum: int, lr: float, max_grad_norm: float,
+                    box_attention: BoxAttentionLoss | None) -> tuple[float, float, float, float]:
     """``accum`` micro-batches then one AdamW step at ``lr``; mean losses over micro-batches and processes."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums = torch.zeros(4, dtype=torch.float64)
     for _ in range(accum):
         with accelerator.accumulate(model):
-            sums += torch.tensor(_micro_step(accelerator, model, next(batches)), dtype=torch.float64)
+            sums += torch.tensor(_micro_step(accelerator, model, next(batches), box_attention), dtype=torch.float64)
             if accelerator.sync_gradients and max_grad_norm > 0:
                 accelerator.clip_grad_norm_(trainable, max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     mean = accelerator.reduce((sums / accum).to(accelerator.device), reduction="mean").cpu()
-    return float(mean[0]), float(mean[1]), float(mean[2])
+    return float(mean[0]), float(mean[1]), float(mean[2]), float(mean[3])

@@ -1,0 +1,160 @@
+"""Box-attention supervision: teach one attention head to look at the object whose box is being written.
+
+Why: a small SkyMoE trained from scratch learns box sizes but not places. Its attention from the
+positions that write a box's coordinates to the image patches is spread as if at random (the
+target's patches get about twice their share, :mod:`train.eval` predictions and the README's
+known limits), so no position information can reach the answer. Learning that retrieval only
+from the few coordinate tokens is a chicken-and-egg problem: looking at the right patch pays
+only once the coordinates can be read from it, and the other way round.
+
+This auxiliary loss breaks the loop. For every box ``{<x1><y1><x2><y2>|<angle>}`` in an answer,
+the positions that predict ``x1``, ``y1``, ``x2`` and ``y2`` (the token before each) of one head
+(``layer``, ``head``) are pushed to attend to the image patches the box overlaps:
+``-log(sum of that head's attention on those patches)``, averaged over the supervised
+positions. The loss reads its targets from the batch's ``input_ids`` and ``labels`` (boxes in
+answer tokens only), so the data pipeline is unchanged. Inference is unchanged too: the head
+is an ordinary head of the model.
+
+It needs the attention weights of that layer, so the model runs with eager attention while
+the loss is attached (:meth:`BoxAttentionLoss.attached`), and a tokenizer whose grid values
+``<0>`` .. ``<100>`` are single tokens (:mod:`skymoe.tokenization`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from skymoe.tokenization import GRID_TOKENS
+
+__all__ = ["BoxAttentionSettings", "BoxAttentionLoss", "box_patch_mask"]
+
+#: Coordinates per box: x1, y1, x2, y2 on the 0-100 grid.
+_BOX_VALUES = 4
+
+
+@dataclass
+class BoxAttentionSettings:
+    """Which head is supervised, and how strongly.
+
+    Attributes:
+        coef: weight of the loss in the optimised total (0 switches it off).
+        layer: decoder layer (0-based) of the supervised head.
+        head: attention head within that layer.
+    """
+
+    coef: float = 0.0
+    layer: int = 2
+    head: int = 0
+
+
+def box_patch_mask(box: tuple[int, int, int, int], grid_size: int) -> torch.Tensor:
+    """Patches a box overlaps, ``(grid_size * grid_size,)`` bool, row-major (row 0 at the top).
+
+    Args:
+        box: ``(x1, y1, x2, y2)`` on the 0-100 grid (x right, y down). A degenerate box still
+            marks the patch its corner lies in.
+        grid_size: patches per image side; patch ``c`` spans ``[c, c + 1) * 100 / grid_size``.
+    """
+    x1, y1, x2, y2 = box
+    edges = torch.arange(grid_size + 1, dtype=torch.float32) * 100 / grid_size
+    # a zero-width box is widened by half a grid unit so it still lies in one patch
+    cols = (edges[1:] > x1) & (edges[:-1] < max(x2, x1 + 0.5))
+    rows = (edges[1:] > y1) & (edges[:-1] < max(y2, y1 + 0.5))
+    return (rows[:, None] & cols[None, :]).reshape(-1)
+
+
+class BoxAttentionLoss:
+    """The auxiliary loss of the module docstring, for one model and tokenizer.
+
+    Use::
+
+        box_loss = BoxAttentionLoss(model, tokenizer, BoxAttentionSettings(coef=1.0))
+        with box_loss.attached():
+            out = model(**batch)
+            loss = out.loss + box_loss.coef * box_loss(batch["input_ids"], batch["labels"])
+
+    Raises:
+        ValueError: the layer or head does not exist, or the tokenizer splits grid values.
+    """
+
+    def __init__(self, model, tokenizer, settings: BoxAttentionSettings):
+        text = model.config.text_config
+        if not 0 <= settings.layer < text.num_hidden_layers:
+            raise ValueError(f"box attention layer {settings.layer} does not exist: the model has "
+                             f"{text.num_hidden_layers} decoder layers (0-based)")
+        if not 0 <= settings.head < text.num_attention_heads:
+            raise ValueError(f"box attention head {settings.head} does not exist: layer {settings.layer} "
+                             f"has {text.num_attention_heads} heads (0-based)")
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in ("{", *GRID_TOKENS) if t not in vocab]
+        if missing:
+            raise ValueError(f"box attention supervision needs '{{' and the grid values <0>..<100> as single "
+                             f"tokens; this tokenizer lacks {missing[:3]}{' ...' if len(missing) > 3 else ''} "
+                             "(use skymoe.tokenization.build_tokenizer, or set its coef to 0)")
+        self.model, self.settings = model, settings
+        self.coef = settings.coef
+        self.open_id = vocab["{"]
+        self.grid_value = {vocab[token]: value for value, token in enumerate(GRID_TOKENS)}
+        self.image_token_id = model.config.image_token_id
+        self.grid_size = model.config.image_grid_size
+        self._weights: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[BoxAttentionLoss]:
+        """Eager attention and a hook keeping the supervised layer's weights; both undone on exit."""
+        language_model = self.model.model.language_model
+        previous = language_model.config._attn_implementation
+        self.model.set_attn_implementation("eager")
+        attention = language_model.layers[self.settings.layer].self_attn
+        handle = attention.register_forward_hook(self._keep_weights)
+        try:
+            yield self
+        finally:
+            handle.remove()
+            self._weights = None
+            self.model.set_attn_implementation(previous)
+
+    def _keep_weights(self, module, args, output) -> None:
+        # Llama attention returns (output, weights); weights: (batch, heads, query, key)
+        self._weights = output[1][:, self.settings.head]
+
+    def targets(self, input_ids: torch.Tensor, labels: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+        """``(row, query position, patch mask)`` for each supervised position of the batch.
+
+        A box counts when its ``{`` is followed by four grid values that are answer tokens
+        (``labels`` not -100), so boxes the user wrote in a question are not supervised.
+        """
+        found = []
+        ids, answer = input_ids.tolist(), (labels != -100).tolist()
+        for row, (tokens, is_answer) in enumerate(zip(ids, answer)):
+            for t in range(len(tokens) - _BOX_VALUES):
+                span = range(t + 1, t + 1 + _BOX_VALUES)
+                if tokens[t] != self.open_id or not all(tokens[i] in self.grid_value and is_answer[i] for i in span):
+                    continue
+                box = tuple(self.grid_value[tokens[i]] for i in span)
+                mask = box_patch_mask(box, self.grid_size)
+                found.extend((row, query, mask) for query in range(t, t + _BOX_VALUES))
+        return found
+
+    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of the last forward pass (a zero that keeps the graph when the batch has no box).
+
+        Raises:
+            RuntimeError: no forward pass ran inside :meth:`attached` since the last call.
+        """
+        if self._weights is None:
+            raise RuntimeError("no attention weights captured: run the model inside BoxAttentionLoss.attached()")
+        weights, self._weights = self._weights, None
+        found = self.targets(input_ids.cpu(), labels.cpu())
+        if not found:
+            return weights.sum() * 0.0
+        is_image = (input_ids == self.image_token_id).to(weights.device)
+        terms = []
+        for row, query, mask in found:
+            on_image = weights[row, query][is_image[row]]  # (grid_size ** 2,), row-major patches
+            terms.append(-torch.log(on_image[mask.to(weights.device)].sum().float() + 1e-6))
+        return torch.stack(terms).mean()
