@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 import skymoe
+from train.box_attention import BoxAttentionSettings
 from train.dataset import IGNORE_INDEX, InstructionRecord, encode_sample, read_instruction_jsonl
 from train.demo import DemoConfig, DemoData, DemoModel, DemoTraining, main, pack_conversation, run_demo
 from train.instructions import make_sample
@@ -72,7 +73,8 @@ def demo_run(tmp_path_factory):
     cfg = DemoConfig(seed=3, model=TINY_MODEL,
                      data=DemoData(scenes=6, cda_share=0.5, val_scenes=1, workers=1),
                      training=DemoTraining(budget_minutes=0.3, micro_batch=2, global_batch=2, chunk_minutes=0.05,
-                                           max_length=512))
+                                           max_length=512,
+                                           box_attention=BoxAttentionSettings(coef=1.0, layer=1, head=0)))
     out = root / "ckpt"
     summary = run_demo(cfg, out, root / "work")
     return out, summary, root / "work"
@@ -115,11 +117,15 @@ def test_demo_recipe_ran_both_stages_and_reports_them(demo_run):
     assert all(rec["aux_loss"] > 0 for rec in moe_log)  # Stage II optimises LM + alpha * aux
     dense_log = [json.loads(line) for line in (Path(summary["run_dir"]) / "dense" / "log.jsonl").read_text().splitlines()]
     assert all(rec["aux_loss"] == 0 for rec in dense_log)
+    # the grounding turns' boxes drive the box-attention loss in both stages
+    assert any(rec["box_attention_loss"] > 0 for rec in dense_log) and any(rec["box_attention_loss"] > 0 for rec in moe_log)
     records, bad = read_instruction_jsonl(work / "moe.jsonl")
     assert not bad and all(len(r.turns) >= 2 for r in records)
     assert any("augmentation" in line for line in (work / "moe.jsonl").read_text().splitlines())
     card = (out / "README.md").read_text()
     assert "synthetic" in card.lower() and "python -m train.demo --config train/configs/demo.yaml" in card
+    assert "Box-attention supervision" in card and "head 0 of decoder layer 1" in card
+    assert json.loads((out / "config.json").read_text()).get("_attn_implementation") in (None, "sdpa")
     assert summary["config_file"] == "train/configs/demo.yaml"
 
 

@@ -34,6 +34,7 @@ overrun its share of the budget.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.util
 import itertools
@@ -56,6 +57,7 @@ from PIL import Image
 import skymoe
 from skymoe.position_codes import sincos_codes
 from skymoe.prompts import render_conversation
+from train.box_attention import BoxAttentionLoss, BoxAttentionSettings
 from train.cda import CdaOptions, augment_image
 from train.config import ConfigError, LoopConfig, OptimConfig, load_config
 from train.dataset import InstructionDataset, PaddingCollator, read_instruction_jsonl
@@ -173,6 +175,8 @@ class DemoTraining:
         threads: torch CPU threads (0 = torch's default).
         loader_workers: processes decoding images for Stage 0 and the training loop (0 = in the
             training process; on a GPU the model is faster than one process can decode PNGs).
+        box_attention: :mod:`train.box_attention` supervision in the dense and MoE stages
+            (coef 0 = off).
     """
 
     budget_minutes: float = 90.0
@@ -188,6 +192,7 @@ class DemoTraining:
     max_length: int = 800
     threads: int = 0
     loader_workers: int = 0
+    box_attention: BoxAttentionSettings = field(default_factory=BoxAttentionSettings)
 
 
 @dataclass
@@ -478,12 +483,12 @@ def _bleu4_proxy(results: list[SampleResult]) -> float:
 # ----------------------------------------------------------------------------- training
 
 
-def _seconds_per_step(model, dataset, collator, tcfg: DemoTraining) -> float:
+def _seconds_per_step(model, dataset, collator, tcfg: DemoTraining, box_attention: BoxAttentionLoss | None) -> float:
     """Measured seconds of one optimizer step, times the accumulation of timed micro-batches.
 
     The micro-batches come from a DataLoader set up as the loop's (``loader_workers``
-    processes), each through forward and backward (gradients dropped), timed by
-    :func:`train.loop.seconds_per_call_after_prefetch`.
+    processes), each through forward and backward (gradients dropped; with the box-attention
+    loss when the phase uses it), timed by :func:`train.loop.seconds_per_call_after_prefetch`.
     """
     device = next(model.parameters()).device
     plan = ([(b * tcfg.micro_batch + i) % len(dataset) for i in range(tcfg.micro_batch)] for b in itertools.count())
@@ -495,10 +500,13 @@ def _seconds_per_step(model, dataset, collator, tcfg: DemoTraining) -> float:
         batch = {k: v.to(device) for k, v in next(batches).items()}
         with bf16_autocast(device):
             loss = model(**batch).loss
+            if box_attention is not None:
+                loss = loss + box_attention.coef * box_attention(batch["input_ids"], batch["labels"])
         loss.backward()
         float(loss.detach())  # waits for the device, as the loop's logging does
 
-    per_micro, _ = seconds_per_call_after_prefetch(micro_step, tcfg.loader_workers)
+    with box_attention.attached() if box_attention is not None else contextlib.nullcontext():
+        per_micro, _ = seconds_per_call_after_prefetch(micro_step, tcfg.loader_workers)
     del batches  # stops the loader's workers
     model.zero_grad(set_to_none=True)
     return per_micro * tcfg.global_batch / tcfg.micro_batch
@@ -527,7 +535,9 @@ def run_phase(name: str, model, processor, train_jsonl: Path, val_records, tcfg:
     records, _ = read_instruction_jsonl(train_jsonl)
     dataset = InstructionDataset(records, processor, tcfg.max_length)
     collator = PaddingCollator(processor.tokenizer.pad_token_id)
-    per_step = _seconds_per_step(model, dataset, collator, tcfg)
+    box_attention = (BoxAttentionLoss(model, processor.tokenizer, tcfg.box_attention)
+                     if tcfg.box_attention.coef > 0 else None)
+    per_step = _seconds_per_step(model, dataset, collator, tcfg, box_attention)
     total = max(1, int(0.9 * seconds / per_step))
     # at least 6 chunks: the time check between chunks must catch a machine slower than measured
     chunk = max(1, min(math.ceil(total / 6), int(tcfg.chunk_minutes * 60 / per_step)))
@@ -542,7 +552,8 @@ def run_phase(name: str, model, processor, train_jsonl: Path, val_records, tcfg:
     report = PhaseReport(name, total, 0, 0.0, per_step, len(dataset), float("nan"))
     start = time.monotonic()
     while report.steps_done < total:
-        result = train(model, dataset, collator, loop_cfg, optim, stop_after=min(total, report.steps_done + chunk))
+        result = train(model, dataset, collator, loop_cfg, optim, stop_after=min(total, report.steps_done + chunk),
+                       box_attention=box_attention)
         report.steps_done, report.final_loss = result.last_step, result.history[-1].loss
         report.quick_eval.append({"step": result.last_step, "minutes": (time.monotonic() - start) / 60,
                                   "loss": report.final_loss, **quick_eval(model, processor, val_records)})
@@ -569,6 +580,10 @@ def _summary_card(cfg: DemoConfig, summary: dict) -> str:
                        f"{check['centre_error_patches']:.2f} patches, colour {check['colour_accuracy']:.0f} %")
     else:
         vision_line = "skipped"
+    box = cfg.training.box_attention
+    box_line = (f"\n- Box-attention supervision (`train.box_attention`) in both stages: head {box.head} of decoder layer "
+                f"{box.layer} is pushed to look at the box's patches where a box is written, weight {box.coef:g}."
+                if box.coef > 0 else "")
     phases = "\n".join(f"| {p['name']} | {p['conversations']} | {p['steps_done']} / {p['steps_planned']} | "
                        f"{p['seconds'] / 60:.1f} | {p['final_loss']:.3f} |" for p in summary["phases"])
     return f"""# SkyMoE demo checkpoint (synthetic domain only)
@@ -598,7 +613,7 @@ scenes (`train.synthetic`) and is **not** a remote-sensing model for real imager
   (turns per task {asdict(d.turns)}); loss on answer tokens only.
 - Stage "dense": all parameters, scenes of difficulty {d.dense_difficulty[0]}-{d.dense_difficulty[1]}, AdamW lr
   {cfg.training.dense_lr:g}; Stage II: `skymoe.upcycle`, all parameters, all scenes, LM + alpha * aux, lr {cfg.training.moe_lr:g};
-  cosine schedules, global batch {cfg.training.global_batch}.
+  cosine schedules, global batch {cfg.training.global_batch}.{box_line}
 
 | phase | conversations | steps done / planned | minutes | last loss |
 |---|---|---|---|---|
