@@ -15,9 +15,11 @@ positions. The loss reads its targets from the batch's ``input_ids`` and ``label
 answer tokens only), so the data pipeline is unchanged. Inference is unchanged too: the head
 is an ordinary head of the model.
 
-It needs the attention weights of that layer, so the model runs with eager attention while
-the loss is attached (:meth:`BoxAttentionLoss.attached`), and a tokenizer whose grid values
-``<0>`` .. ``<100>`` are single tokens (:mod:`skymoe.tokenization`).
+The model keeps its fast attention kernel (which returns no weights): a hook keeps the
+supervised layer's input, and the loss recomputes that one head's attention rows at the
+supervised positions only (Llama attention: q/k projections of the head, RoPE, causal softmax;
+:meth:`BoxAttentionLoss.head_weights`). It needs a tokenizer whose grid values ``<0>`` ..
+``<100>`` are single tokens (:mod:`skymoe.tokenization`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from skymoe.tokenization import GRID_TOKENS
 
@@ -101,26 +105,53 @@ class BoxAttentionLoss:
         self.grid_value = {vocab[token]: value for value, token in enumerate(GRID_TOKENS)}
         self.image_token_id = model.config.image_token_id
         self.grid_size = model.config.image_grid_size
-        self._weights: torch.Tensor | None = None
+        self._inputs: tuple | None = None
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[BoxAttentionLoss]:
-        """Eager attention and a hook keeping the supervised layer's weights; both undone on exit."""
-        language_model = self.model.model.language_model
-        previous = language_model.config._attn_implementation
-        self.model.set_attn_implementation("eager")
-        attention = language_model.layers[self.settings.layer].self_attn
-        handle = attention.register_forward_hook(self._keep_weights)
+        """Keep the supervised layer's input of every forward pass made inside this block."""
+        attention = self.model.model.language_model.layers[self.settings.layer].self_attn
+        handle = attention.register_forward_pre_hook(self._keep_inputs, with_kwargs=True)
         try:
             yield self
         finally:
             handle.remove()
-            self._weights = None
-            self.model.set_attn_implementation(previous)
+            self._inputs = None
 
-    def _keep_weights(self, module, args, output) -> None:
-        # Llama attention returns (output, weights); weights: (batch, heads, query, key)
-        self._weights = output[1][:, self.settings.head]
+    def _keep_inputs(self, module, args, kwargs) -> None:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self._inputs = (hidden, kwargs["position_embeddings"])
+
+    def _take_inputs(self) -> tuple:
+        """The captured layer input, used once."""
+        if self._inputs is None:
+            raise RuntimeError("no attention input captured: run the model inside BoxAttentionLoss.attached()")
+        inputs, self._inputs = self._inputs, None
+        return inputs
+
+    def head_weights(self, queries: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """The supervised head's attention over keys ``0 .. query`` at each ``(row, query)``, float32.
+
+        What Llama's attention computes for that head (before attention dropout), from the
+        layer input the last forward pass left: ``softmax(q . k * scaling)`` with RoPE on q and
+        k and the causal mask (right padding never precedes a query, so no other mask applies).
+
+        Raises:
+            RuntimeError: no forward pass ran inside :meth:`attached` since the last call.
+        """
+        hidden, (cos, sin) = self._take_inputs()
+        attention = self.model.model.language_model.layers[self.settings.layer].self_attn
+        size, head = attention.head_dim, self.settings.head
+        kv_head = head // attention.num_key_value_groups  # grouped-query attention shares key heads
+
+        def project(linear: torch.nn.Linear, index: int) -> torch.Tensor:
+            rows = slice(index * size, (index + 1) * size)
+            bias = linear.bias[rows] if linear.bias is not None else None
+            return F.linear(hidden, linear.weight[rows], bias)[:, None]  # (batch, 1, seq, head_dim)
+
+        q, k = apply_rotary_pos_emb(project(attention.q_proj, head), project(attention.k_proj, kv_head), cos, sin)
+        q, k = q[:, 0].float(), k[:, 0].float()
+        return [torch.softmax(k[row, : query + 1] @ q[row, query] * attention.scaling, dim=0) for row, query in queries]
 
     def targets(self, input_ids: torch.Tensor, labels: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
         """``(row, query position, patch mask)`` for each supervised position of the batch.
@@ -141,20 +172,19 @@ class BoxAttentionLoss:
         return found
 
     def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The loss of the last forward pass (a zero that keeps the graph when the batch has no box).
+        """The loss of the last forward pass (zero when the batch has no box in an answer).
 
         Raises:
             RuntimeError: no forward pass ran inside :meth:`attached` since the last call.
         """
-        if self._weights is None:
-            raise RuntimeError("no attention weights captured: run the model inside BoxAttentionLoss.attached()")
-        weights, self._weights = self._weights, None
         found = self.targets(input_ids.cpu(), labels.cpu())
         if not found:
-            return weights.sum() * 0.0
-        is_image = (input_ids == self.image_token_id).to(weights.device)
+            self._take_inputs()
+            return torch.zeros((), device=input_ids.device)
+        weights = self.head_weights([(row, query) for row, query, _ in found])
+        is_image = input_ids == self.image_token_id
         terms = []
-        for row, query, mask in found:
-            on_image = weights[row, query][is_image[row]]  # (grid_size ** 2,), row-major patches
-            terms.append(-torch.log(on_image[mask.to(weights.device)].sum().float() + 1e-6))
+        for (row, query, mask), over_keys in zip(found, weights):
+            on_image = over_keys[is_image[row, : query + 1]]  # (grid_size ** 2,), row-major patches
+            terms.append(-torch.log(on_image[mask.to(on_image.device)].sum() + 1e-6))
         return torch.stack(terms).mean()

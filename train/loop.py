@@ -522,7 +522,7 @@ def train(model: torch.nn.Module, dataset: Sequence, collate_fn: Callable, loop_
         stop_after: stop after this optimizer step as if interrupted (tests, time-boxed jobs);
             the schedule still spans the whole run.
         box_attention: an auxiliary :class:`train.box_attention.BoxAttentionLoss` of the same
-            model, added with its coef (the model runs with eager attention meanwhile).
+            model, added with its coef.
 
     Returns:
         :class:`TrainResult` with the per-step log.
