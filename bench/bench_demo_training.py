@@ -8,7 +8,11 @@ then prints, in one process:
     image processor, tokenizer, padding), the model left out;
   * model: conversations/s of forward + backward of the dense demo model and of its
     upcycled MoE on batches already on the device (bf16 autocast on CUDA), the loader left out;
-  * the top operators of a profiled model step (``torch.profiler``), self time.
+  * the top operators of a profiled model step (``torch.profiler``), self time;
+  * the cost of the box-attention loss (``train.box_attention``, on in the demo configs' dense and
+    MoE stages): dense model conversations/s with it, as the recipe computes it (the model's own
+    attention kernel, the supervised head's rows recomputed) and with the whole model on eager
+    attention (the plain way to get attention weights), each as a ratio to the step without it.
 
 The slower of the first two bounds a training step; their ratio says which to work on.
 
@@ -18,6 +22,7 @@ Usage: python bench/bench_demo_training.py [--scenes 300] [--workers 14] [--micr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -31,6 +36,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import skymoe  # noqa: E402
+from train.box_attention import BoxAttentionLoss, BoxAttentionSettings  # noqa: E402
 from train.dataset import InstructionDataset, PaddingCollator, read_instruction_jsonl  # noqa: E402
 from train.demo import DemoData, DemoModel, _conversation_texts, build_demo_model, build_training_data  # noqa: E402
 from train.loop import bf16_autocast  # noqa: E402
@@ -53,23 +59,28 @@ def loader_rate(dataset, collator, micro_batch: int, workers: int, batches: int)
     return batches * micro_batch / (time.perf_counter() - start)
 
 
-def model_rate(model, batches: list[dict], device: torch.device, steps: int) -> float:
-    """Conversations/s of forward + backward on batches already on ``device`` (after two warm-up steps)."""
+def model_rate(model, batches: list[dict], device: torch.device, steps: int,
+               box_attention: BoxAttentionLoss | None = None) -> float:
+    """Conversations/s of forward + backward on batches already on ``device`` (after two warm-up steps),
+    with the box-attention loss added when given."""
     model.train()
 
     def step(batch):
         with bf16_autocast(device):
             loss = model(**batch).loss
+            if box_attention is not None:
+                loss = loss + box_attention.coef * box_attention(batch["input_ids"], batch["labels"])
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    for batch in batches[:2]:
-        step(batch)
-    _synchronize(device)
-    start = time.perf_counter()
-    for i in range(steps):
-        step(batches[i % len(batches)])
-    _synchronize(device)
+    with box_attention.attached() if box_attention is not None else contextlib.nullcontext():
+        for batch in batches[:2]:
+            step(batch)
+        _synchronize(device)
+        start = time.perf_counter()
+        for i in range(steps):
+            step(batches[i % len(batches)])
+        _synchronize(device)
     return steps * batches[0]["input_ids"].shape[0] / (time.perf_counter() - start)
 
 
@@ -111,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
                    for b in range(4)]
         dense = model_rate(model, batches, device, args.steps)
         dense_ops = top_operators(model, batches[0], device, 15)
+        box_loss = BoxAttentionLoss(model, tokenizer, BoxAttentionSettings(coef=1.0))
+        box_recomputed = model_rate(model, batches, device, args.steps, box_loss)
+        attention_kernel = model.config._attn_implementation
+        model.set_attn_implementation("eager")
+        box_eager = model_rate(model, batches, device, args.steps, box_loss)
+        model.set_attn_implementation(attention_kernel)
         moe_model = skymoe.upcycle(model, DemoModel().num_experts, None, num_experts_per_tok=DemoModel().top_k)
         moe = model_rate(moe_model, batches, device, args.steps)
         moe_ops = top_operators(moe_model, batches[0], device, 15)
@@ -121,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loader, {args.workers} workers: {loader:8.1f} conversations/s")
     print(f"model, dense:        {dense:8.1f} conversations/s  (loader / model = {loader / dense:.2f})")
     print(f"model, MoE (E=4):    {moe:8.1f} conversations/s  (loader / model = {loader / moe:.2f})")
+    print(f"dense + box-attention loss, {attention_kernel} + recomputed head: {box_recomputed:8.1f} conversations/s "
+          f"({box_recomputed / dense:.2f} of the step without it)")
+    print(f"dense + box-attention loss, eager attention:        {box_eager:8.1f} conversations/s "
+          f"({box_eager / dense:.2f} of the step without it)")
     return 0
 
 

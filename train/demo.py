@@ -20,6 +20,10 @@ sizes it for one GPU (more scenes, batches of 64, loader processes; 9 minutes):
    (:func:`train.loop.train`) on the easier scenes.
 6. **Stage II**: :func:`skymoe.upcycle` to E experts on every second layer, top-k, and
    fine-tuning of all parameters with ``LM + alpha * aux`` on all scenes.
+
+   Both language-model stages can add the box-attention loss (:mod:`train.box_attention`,
+   ``training.box_attention``), which teaches one head to look at the object whose box is
+   being written.
 7. The model is saved with ``save_pretrained`` (safetensors) plus the processor, a
    ``training_summary.json`` and a model card.
 
