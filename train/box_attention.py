@@ -1,9 +1,9 @@
 """Box-attention supervision: teach one attention head to look at the object whose box is being written.
 
 Why: a small SkyMoE trained from scratch learns box sizes but not places. Its attention from the
-positions that write a box's coordinates to the image patches is spread as if at random (the
-target's patches get about twice their share, :mod:`train.eval` predictions and the README's
-known limits), so no position information can reach the answer. Learning that retrieval only
+positions that write a box's coordinates to the image patches is spread almost as if at random
+(the target's patches get at most about twice their share; README, known limits), so no position
+information can reach the answer. Learning that retrieval only
 from the few coordinate tokens is a chicken-and-egg problem: looking at the right patch pays
 only once the coordinates can be read from it, and the other way round.
 
@@ -99,19 +99,18 @@ class BoxAttentionLoss:
             raise ValueError(f"box attention supervision needs '{{' and the grid values <0>..<100> as single "
                              f"tokens; this tokenizer lacks {missing[:3]}{' ...' if len(missing) > 3 else ''} "
                              "(use skymoe.tokenization.build_tokenizer, or set its coef to 0)")
-        self.model, self.settings = model, settings
-        self.coef = settings.coef
+        self.settings, self.coef = settings, settings.coef
         self.open_id = vocab["{"]
         self.grid_value = {vocab[token]: value for value, token in enumerate(GRID_TOKENS)}
         self.image_token_id = model.config.image_token_id
         self.grid_size = model.config.image_grid_size
+        self.attention = model.model.language_model.layers[settings.layer].self_attn
         self._inputs: tuple | None = None
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[BoxAttentionLoss]:
         """Keep the supervised layer's input of every forward pass made inside this block."""
-        attention = self.model.model.language_model.layers[self.settings.layer].self_attn
-        handle = attention.register_forward_pre_hook(self._keep_inputs, with_kwargs=True)
+        handle = self.attention.register_forward_pre_hook(self._keep_inputs, with_kwargs=True)
         try:
             yield self
         finally:
@@ -140,7 +139,7 @@ class BoxAttentionLoss:
             RuntimeError: no forward pass ran inside :meth:`attached` since the last call.
         """
         hidden, (cos, sin) = self._take_inputs()
-        attention = self.model.model.language_model.layers[self.settings.layer].self_attn
+        attention = self.attention
         size, head = attention.head_dim, self.settings.head
         kv_head = head // attention.num_key_value_groups  # grouped-query attention shares key heads
 
