@@ -9,8 +9,8 @@ then prints, in one process:
   * model: conversations/s of forward + backward of the dense demo model and of its
     upcycled MoE on batches already on the device (bf16 autocast on CUDA), the loader left out;
   * the top operators of a profiled model step (``torch.profiler``), self time;
-  * the cost of the box-attention loss (``train.box_attention``, on in the demo configs' dense and
-    MoE stages): dense model conversations/s with it, as the recipe computes it (the model's own
+  * the cost of the box-attention loss (``train.box_attention``, an option of the demo recipe's
+    dense and MoE stages, off in its configs): dense model conversations/s with it, as the recipe computes it (the model's own
     attention kernel, the supervised head's rows recomputed) and with the whole model on eager
     attention (the plain way to get attention weights), each as a ratio to the step without it.
 
@@ -22,7 +22,6 @@ Usage: python bench/bench_demo_training.py [--scenes 300] [--workers 14] [--micr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import skymoe  # noqa: E402
-from train.box_attention import BoxAttentionLoss, BoxAttentionSettings  # noqa: E402
+from train.box_attention import BoxAttentionLoss, BoxAttentionSettings, plus_box_attention, supervising  # noqa: E402
 from train.dataset import InstructionDataset, PaddingCollator, read_instruction_jsonl  # noqa: E402
 from train.demo import DemoData, DemoModel, _conversation_texts, build_demo_model, build_training_data  # noqa: E402
 from train.loop import bf16_autocast  # noqa: E402
@@ -67,13 +66,11 @@ def model_rate(model, batches: list[dict], device: torch.device, steps: int,
 
     def step(batch):
         with bf16_autocast(device):
-            loss = model(**batch).loss
-            if box_attention is not None:
-                loss = loss + box_attention.coef * box_attention(batch["input_ids"], batch["labels"])
+            loss, _ = plus_box_attention(model(**batch).loss, batch, box_attention)
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    with box_attention.attached() if box_attention is not None else contextlib.nullcontext():
+    with supervising(box_attention):
         for batch in batches[:2]:
             step(batch)
         _synchronize(device)

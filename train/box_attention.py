@@ -34,7 +34,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from skymoe.tokenization import GRID_TOKENS
 
-__all__ = ["BoxAttentionSettings", "BoxAttentionLoss", "box_patch_mask"]
+__all__ = ["BoxAttentionSettings", "BoxAttentionLoss", "box_patch_mask", "supervising", "plus_box_attention"]
 
 #: Coordinates per box: x1, y1, x2, y2 on the 0-100 grid.
 _BOX_VALUES = 4
@@ -187,3 +187,18 @@ class BoxAttentionLoss:
             on_image = over_keys[is_image[row, : query + 1]]  # (grid_size ** 2,), row-major patches
             terms.append(-torch.log(on_image[mask.to(on_image.device)].sum() + 1e-6))
         return torch.stack(terms).mean()
+
+
+def supervising(box_attention: BoxAttentionLoss | None) -> contextlib.AbstractContextManager:
+    """``box_attention.attached()``, or a block that does nothing when there is no such loss."""
+    return box_attention.attached() if box_attention is not None else contextlib.nullcontext()
+
+
+def plus_box_attention(loss: torch.Tensor, batch: dict[str, torch.Tensor],
+                       box_attention: BoxAttentionLoss | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(loss + coef * box-attention loss, box-attention loss)`` of the forward pass just made on
+    ``batch`` inside :func:`supervising`; ``(loss, None)`` when there is no such loss."""
+    if box_attention is None:
+        return loss, None
+    box = box_attention(batch["input_ids"], batch["labels"])
+    return loss + box_attention.coef * box, box

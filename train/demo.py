@@ -38,7 +38,6 @@ overrun its share of the budget.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import importlib.util
 import itertools
@@ -61,7 +60,7 @@ from PIL import Image
 import skymoe
 from skymoe.position_codes import sincos_codes
 from skymoe.prompts import render_conversation
-from train.box_attention import BoxAttentionLoss, BoxAttentionSettings
+from train.box_attention import BoxAttentionLoss, BoxAttentionSettings, plus_box_attention, supervising
 from train.cda import CdaOptions, augment_image
 from train.config import ConfigError, LoopConfig, OptimConfig, load_config
 from train.dataset import InstructionDataset, PaddingCollator, read_instruction_jsonl
@@ -503,13 +502,11 @@ def _seconds_per_step(model, dataset, collator, tcfg: DemoTraining, box_attentio
     def micro_step() -> None:
         batch = {k: v.to(device) for k, v in next(batches).items()}
         with bf16_autocast(device):
-            loss = model(**batch).loss
-            if box_attention is not None:
-                loss = loss + box_attention.coef * box_attention(batch["input_ids"], batch["labels"])
+            loss, _ = plus_box_attention(model(**batch).loss, batch, box_attention)
         loss.backward()
         float(loss.detach())  # waits for the device, as the loop's logging does
 
-    with box_attention.attached() if box_attention is not None else contextlib.nullcontext():
+    with supervising(box_attention):
         per_micro, _ = seconds_per_call_after_prefetch(micro_step, tcfg.loader_workers)
     del batches  # stops the loader's workers
     model.zero_grad(set_to_none=True)

@@ -43,7 +43,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from train.box_attention import BoxAttentionLoss
+from train.box_attention import BoxAttentionLoss, plus_box_attention, supervising
 from train.config import LoopConfig, OptimConfig
 
 __all__ = [
@@ -492,10 +492,7 @@ def _micro_step(accelerator, model, batch: dict[str, torch.Tensor],
     out = model(**batch)
     if out.loss is None:
         raise ValueError("the model returned no loss: the batch needs labels")
-    loss, box = out.loss, None
-    if box_attention is not None:
-        box = box_attention(batch["input_ids"], batch["labels"])
-        loss = loss + box_attention.coef * box
+    loss, box = plus_box_attention(out.loss, batch, box_attention)
     accelerator.backward(loss)
     lm = out.lm_loss if getattr(out, "lm_loss", None) is not None else out.loss
     aux = getattr(out, "aux_loss", None)
@@ -552,7 +549,7 @@ def train(model: torch.nn.Module, dataset: Sequence, collate_fn: Callable, loop_
         logger.info("resumed from %s at step %d", resume, state["step"])
     else:
         _seed_everything(loop_cfg.seed)
-    with box_attention.attached() if box_attention is not None else contextlib.nullcontext():
+    with supervising(box_attention):
         _run_steps(accelerator, model, optimizer, dataset, collate_fn, loop_cfg, optim_cfg, geometry,
                    result, run_config or {}, stop_after, box_attention)
     return result
