@@ -45,6 +45,22 @@ def test_patch_targets_partial_cover_shared_centre_and_scaling():
     assert lone.cover[1, 1, k] == pytest.approx(0.125) and lone.colour[1, 1] == -100
 
 
+def test_box_corners_mark_the_patches_a_box_overlaps_smaller_box_on_top():
+    # 504 px, 18 patches of 28 px = 5.56 grid units: the road spans columns 0-8 of rows 0-1,
+    # the car sits in patch (row 1, column 2) and overwrites the road there
+    road = {"label": "building", "box_px": (0, 0, 252, 56)}
+    car = {"label": "car", "box_px": (60, 30, 80, 50)}
+    corners = patch_targets([car, road], None, 504, 504, 18, VOCAB).corners
+    assert corners.shape == (18, 18, 4)
+    np.testing.assert_array_equal(corners[0, 0], [0, 0, 50, 11])  # 252 / 504 = 50, 56 / 504 = 11.1
+    np.testing.assert_array_equal(corners[1, 2], [12, 6, 16, 10])  # 60 / 5.04 = 11.9 ...
+    assert (corners[:2, :9, 0] >= 0).all() and (corners[2:, :, 0] == -100).all() and (corners[:, 9:, 0] == -100).all()
+    assert ((corners[..., 0] == 12).sum(), (corners[..., 0] == 0).sum()) == (1, 17)
+    # a box too thin to cover any patch centre still marks the patch its corner lies in
+    sliver = patch_targets([{"label": "tree", "box_px": (100, 100, 100, 100)}], None, 504, 504, 18, VOCAB).corners
+    assert (sliver[..., 0] >= 0).sum() == 1 and sliver[3, 3, 0] == 20
+
+
 def test_flipped_boxes_mirror_in_the_pixel_frame():
     objs = [{"label": "tree", "box_px": (10, 20, 30, 60)}]
     assert _flipped(objs, 100, 200, True, False)[0]["box_px"] == (70, 20, 90, 60)
@@ -85,7 +101,9 @@ def test_stage0_reports_losses_and_a_held_out_check(stage0_run):
     _, _, report, objects = stage0_run
     lines = read_object_annotations(objects)
     assert report.images == len(lines) - 2  # 6 scenes + CDA variants, 2 held out
-    assert set(report.last_losses) == {"loss", "centres", "cover", "box", "colour", "scene"}
+    assert set(report.last_losses) == {"loss", "centres", "cover", "box", "colour", "scene", "position", "corners"}
     assert all(np.isfinite(v) for v in report.last_losses.values())
-    assert set(report.held_out) == {"images", "count_exact", "centre_error_patches", "colour_accuracy"}
+    assert set(report.held_out) == {"images", "count_exact", "centre_error_patches", "colour_accuracy",
+                                    "position_accuracy", "corner_error_grid"}
+    assert 0.0 <= report.held_out["position_accuracy"] <= 100.0 and report.held_out["corner_error_grid"] >= 0.0
     assert report.held_out["images"] == 2 and 0.0 <= report.held_out["count_exact"] <= 100.0

@@ -55,12 +55,13 @@ class BoxAttentionSettings:
     head: int = 0
 
 
-def box_patch_mask(box: tuple[int, int, int, int], grid_size: int) -> torch.Tensor:
+def box_patch_mask(box: tuple[float, float, float, float], grid_size: int) -> torch.Tensor:
     """Patches a box overlaps, ``(grid_size * grid_size,)`` bool, row-major (row 0 at the top).
 
     Args:
-        box: ``(x1, y1, x2, y2)`` on the 0-100 grid (x right, y down). A degenerate box still
-            marks the patch its corner lies in.
+        box: ``(x1, y1, x2, y2)`` on the 0-100 grid (x right, y down; integers in answers,
+            fractions in Stage 0's targets). A degenerate box still marks the patch its corner
+            lies in.
         grid_size: patches per image side; patch ``c`` spans ``[c, c + 1) * 100 / grid_size``.
     """
     x1, y1, x2, y2 = box

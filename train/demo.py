@@ -578,7 +578,9 @@ def _summary_card(cfg: DemoConfig, summary: dict) -> str:
         vision_line = (f"{vision['steps_done']} steps of {cfg.training.vision_batch} images in "
                        f"{vision['seconds'] / 60:.1f} min, lr {cfg.training.vision_lr:g}; held-out check: counts from "
                        f"the centre heads {check['count_exact']:.0f} % exact, centre error "
-                       f"{check['centre_error_patches']:.2f} patches, colour {check['colour_accuracy']:.0f} %")
+                       f"{check['centre_error_patches']:.2f} patches, colour {check['colour_accuracy']:.0f} %, "
+                       f"patch row and column {check['position_accuracy']:.0f} %, box corners "
+                       f"off by {check['corner_error_grid']:.1f} grid units")
     else:
         vision_line = "skipped"
     box = cfg.training.box_attention
@@ -608,7 +610,8 @@ scenes (`train.synthetic`) and is **not** a remote-sensing model for real imager
 - Initialisation: 2-D sine/cosine patch position embeddings (amplitude 0.5) and 1-D sine/cosine
   codes for the grid tokens' input and output embeddings (`train.demo.init_position_codes`).
 - Stage 0 (`train.vision_pretrain`): vision tower and projector trained with linear per-patch heads
-  (object centres per class, class cover, box offset and size, colour; scene class) on every
+  (object centres per class, class cover, box offset and size, colour, patch row and column, the
+  covering box's corners on the answer grid; scene class) on every
   training image, {vision_line}.
 - Instruction samples from `train.instructions`, packed per image into one multi-turn conversation
   (turns per task {asdict(d.turns)}); loss on answer tokens only.

@@ -12,6 +12,12 @@ language model reads; one token per patch) predict, per patch:
 * where an object's centre lies in the patch: the centre's offset inside the patch and the
   box's log width and height in patches (grounding), and the object's colour (the largest
   such object when several share a patch),
+* where the patch is: its row and column (classes), and, for every patch a box overlaps, that
+  box's corners on the 0-100 answer grid (101 classes each; the smallest such box). These are
+  the only targets that are not the same wherever the object lies: without them the tower
+  learns to drop the absolute position its input embeddings carry, and the language model has
+  no place to copy into a box answer. With them, each of an object's tokens holds the box
+  the answer must spell, in a linear read-out,
 
 and, from the mean image token, the scene class. Images are flipped at random (targets
 flipped with them). The heads are dropped afterwards; only the tower and projector keep what
@@ -37,6 +43,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
+from train.box_attention import box_patch_mask
 from train.loop import bf16_autocast, seconds_per_call_after_prefetch
 
 __all__ = ["PatchVocabulary", "PatchTargets", "patch_targets", "PatchHeads", "read_object_annotations",
@@ -65,6 +72,9 @@ class PatchTargets:
             ``(log w, log h)`` of the box in patch units, where ``has_box``.
         has_box: ``(side, side)`` a centre lies in the patch.
         colour: ``(side, side)`` colour index of that object, -100 where unknown or no centre.
+        corners: ``(side, side, 4)`` ``(x1, y1, x2, y2)`` on the 0-100 answer grid of the smallest
+            box that overlaps the patch (as :func:`train.box_attention.box_patch_mask` marks
+            patches), -100 where no box does.
         scene: scene class index, -100 when unknown.
     """
 
@@ -73,6 +83,7 @@ class PatchTargets:
     box: np.ndarray
     has_box: np.ndarray
     colour: np.ndarray
+    corners: np.ndarray
     scene: int
 
 
@@ -118,7 +129,19 @@ def patch_targets(objects: list[dict], scene_class: str | None, width: int, heig
             has_box[row, col] = True
             colour[row, col] = vocab.colours.index(obj["colour"]) if obj.get("colour") in vocab.colours else -100
     scene = vocab.scene_classes.index(scene_class) if scene_class in vocab.scene_classes else -100
-    return PatchTargets(centres, cover, box, has_box, colour, scene)
+    return PatchTargets(centres, cover, box, has_box, colour, box_corners(objects, width, height, side, vocab), scene)
+
+
+def box_corners(objects: list[dict], width: int, height: int, side: int, vocab: PatchVocabulary) -> np.ndarray:
+    """The ``corners`` target of :class:`PatchTargets` (arguments as :func:`patch_targets`)."""
+    corners = np.full((side * side, 4), -100, np.int64)
+    known = [o for o in objects if o["label"] in vocab.object_classes]
+    grid_boxes = [(x1 * 100 / width, y1 * 100 / height, x2 * 100 / width, y2 * 100 / height)
+                  for x1, y1, x2, y2 in (o["box_px"] for o in known)]
+    # largest first, so where boxes overlap the smaller (e.g. a car on a road) is written last and kept
+    for grid_box in sorted(grid_boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1])):
+        corners[box_patch_mask(grid_box, side).numpy()] = np.clip(np.round(grid_box), 0, 100).astype(np.int64)
+    return corners.reshape(side, side, 4)
 
 
 def _flipped(objects: list[dict], width: int, height: int, horizontal: bool, vertical: bool) -> list[dict]:
@@ -134,22 +157,28 @@ def _flipped(objects: list[dict], width: int, height: int, horizontal: bool, ver
     return out
 
 
+GRID_VALUES = 101  # the answer grid <0>..<100>
+
+
 class PatchHeads(nn.Module):
     """Linear heads on the projected image tokens: per patch ``K`` centre log-rates, ``K`` cover
-    logits, 4 box values and ``C`` colour logits; per image the scene logits (mean token)."""
+    logits, 4 box values, ``C`` colour logits, ``2 x side`` row and column logits and ``4 x 101``
+    corner logits; per image the scene logits (mean token)."""
 
-    def __init__(self, width: int, vocab: PatchVocabulary):
+    def __init__(self, width: int, vocab: PatchVocabulary, side: int):
         super().__init__()
         self.k, self.c = len(vocab.object_classes), len(vocab.colours)
-        self.patch = nn.Linear(width, 2 * self.k + 4 + self.c)
+        self.sizes = {"centres": self.k, "cover": self.k, "box": 4, "colour": self.c, "row": side, "column": side,
+                      "corners": 4 * GRID_VALUES}
+        self.patch = nn.Linear(width, sum(self.sizes.values()))
         self.scene = nn.Linear(width, len(vocab.scene_classes))
 
     def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``tokens``: ``(batch, side * side, width)``; returns the head outputs by name."""
-        out = self.patch(tokens)
-        k, c = self.k, self.c
-        return {"centres": out[..., :k], "cover": out[..., k:2 * k], "box": out[..., 2 * k:2 * k + 4],
-                "colour": out[..., 2 * k + 4:2 * k + 4 + c], "scene": self.scene(tokens.mean(dim=1))}
+        """``tokens``: ``(batch, side * side, width)``; returns the head outputs by name
+        (``corners``: ``(batch, side * side, 4, 101)``)."""
+        parts = dict(zip(self.sizes, self.patch(tokens).split(list(self.sizes.values()), dim=-1)))
+        parts["corners"] = parts["corners"].unflatten(-1, (4, GRID_VALUES))
+        return {**parts, "scene": self.scene(tokens.mean(dim=1))}
 
 
 def _stack(targets: list[PatchTargets]) -> dict[str, torch.Tensor]:
@@ -157,7 +186,14 @@ def _stack(targets: list[PatchTargets]) -> dict[str, torch.Tensor]:
         arr = np.stack([getattr(t, name) for t in targets])
         return torch.from_numpy(arr.reshape(arr.shape[0], arr.shape[1] * arr.shape[2], *arr.shape[3:]))
     return {"centres": flat("centres"), "cover": flat("cover"), "box": flat("box"), "has_box": flat("has_box"),
-            "colour": flat("colour"), "scene": torch.tensor([t.scene for t in targets])}
+            "colour": flat("colour"), "corners": flat("corners"), "scene": torch.tensor([t.scene for t in targets])}
+
+
+def _patch_rows_and_columns(patches: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column index of each patch of a square, row-major grid."""
+    side = math.isqrt(patches)
+    index = torch.arange(patches, device=device)
+    return index // side, index % side
 
 
 def head_losses(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -174,6 +210,13 @@ def head_losses(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tenso
         "scene": (F.cross_entropy(outputs["scene"].float(), targets["scene"], ignore_index=-100)
                   if (targets["scene"] >= 0).any() else outputs["scene"].sum() * 0.0),
     }
+    batch, patches = outputs["row"].shape[:2]
+    rows, columns = (t.expand(batch, patches) for t in _patch_rows_and_columns(patches, outputs["row"].device))
+    losses["position"] = (F.cross_entropy(outputs["row"].float().flatten(0, 1), rows.flatten())
+                          + F.cross_entropy(outputs["column"].float().flatten(0, 1), columns.flatten()))
+    corners = targets["corners"]
+    losses["corners"] = (F.cross_entropy(outputs["corners"].float().flatten(0, 2), corners.flatten(), ignore_index=-100)
+                         if (corners >= 0).any() else outputs["corners"].sum() * 0.0)
     return losses
 
 
@@ -270,10 +313,14 @@ def _image_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
 def _held_out_check(model, heads: PatchHeads, samples: _PatchSamples, indices: np.ndarray,
                     workers: int) -> dict[str, float]:
     """Count accuracy from the centre heads (sum of rates per class, rounded), box-centre error
-    in patches and colour accuracy at centre patches, on images Stage 0 did not train on."""
+    in patches and colour accuracy at centre patches, patch row and column accuracy, and the
+    corner heads' error in grid units (mean over patches a box overlaps and the 4 corners), on
+    images Stage 0 did not train on."""
     model.eval()
     exact = total = 0
     centre_err, colour_hits, colour_n = [], 0, 0
+    position_hits = position_n = 0
+    corner_err = []
     device = next(model.parameters()).device
     keys = [[(int(i), False, False) for i in indices[start:start + 16]] for start in range(0, len(indices), 16)]
     for pixel_values, targets in _loader(samples, keys, workers):
@@ -290,10 +337,18 @@ def _held_out_check(model, heads: PatchHeads, samples: _PatchSamples, indices: n
         colour_known = targets["colour"][has_box] >= 0
         colour_hits += int((out["colour"][has_box].argmax(-1) == targets["colour"][has_box])[colour_known].sum())
         colour_n += int(colour_known.sum())
+        rows, columns = _patch_rows_and_columns(out["row"].shape[1], device)
+        position_hits += int(((out["row"].argmax(-1) == rows) & (out["column"].argmax(-1) == columns)).sum())
+        position_n += out["row"].shape[0] * out["row"].shape[1]
+        in_box = targets["corners"][..., 0] >= 0
+        corner_err.append((out["corners"][in_box].argmax(-1) - targets["corners"][in_box]).abs().float().flatten())
     model.train()
+    corner_err = torch.cat(corner_err) if corner_err else torch.zeros(0)
     return {"images": float(len(indices)), "count_exact": 100.0 * exact / max(1, total),
             "centre_error_patches": float(torch.cat(centre_err).mean()) if centre_err else float("nan"),
-            "colour_accuracy": 100.0 * colour_hits / max(1, colour_n)}
+            "colour_accuracy": 100.0 * colour_hits / max(1, colour_n),
+            "position_accuracy": 100.0 * position_hits / max(1, position_n),
+            "corner_error_grid": float(corner_err.mean()) if len(corner_err) else float("nan")}
 
 
 def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabulary, seconds: float, lr: float,
@@ -327,7 +382,7 @@ def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabular
     side = vision.image_size // vision.patch_size
     torch.manual_seed(seed)
     device = next(model.parameters()).device
-    heads = PatchHeads(model.config.text_config.hidden_size, vocab).to(device)
+    heads = PatchHeads(model.config.text_config.hidden_size, vocab, side).to(device)
     params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
     optimizer = torch.optim.AdamW([*params, *heads.parameters()], lr=lr, weight_decay=0.0)
     samples = _PatchSamples(records, processor.image_processor, side, vocab)
