@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
+from skymoe.tokenization import GRID_TOKENS
 from train.box_attention import box_patch_mask
 from train.loop import bf16_autocast, seconds_per_call_after_prefetch
 
@@ -157,7 +158,7 @@ def _flipped(objects: list[dict], width: int, height: int, horizontal: bool, ver
     return out
 
 
-GRID_VALUES = 101  # the answer grid <0>..<100>
+GRID_VALUES = len(GRID_TOKENS)  # the answer grid <0>..<100>
 
 
 class PatchHeads(nn.Module):
