@@ -12,7 +12,8 @@ import torch
 import skymoe
 from train.demo import (DemoData, DemoModel, _conversation_texts, _patch_vocabulary, build_demo_model,
                         build_training_data)
-from train.vision_pretrain import _flipped, patch_targets, pretrain_vision, read_object_annotations
+from train.vision_pretrain import (PatchHeads, _flipped, patch_targets, pretrain_vision, read_object_annotations,
+                                   word_directions)
 
 VOCAB = _patch_vocabulary()
 
@@ -67,6 +68,32 @@ def test_flipped_boxes_mirror_in_the_pixel_frame():
     assert _flipped(objs, 100, 200, False, True)[0]["box_px"] == (10, 140, 30, 180)
 
 
+def test_word_directions_are_the_unit_mean_embedding_of_each_name():
+    tokenizer = skymoe.build_tokenizer(["the storage tank is red", "a grey truck by a swimming pool"] * 20, vocab_size=300)
+    embeddings = torch.randn(len(tokenizer), 64)
+    names = word_directions(tokenizer, embeddings, VOCAB)
+    assert names.shape == (len(VOCAB.object_classes) + len(VOCAB.colours), 64)
+    assert torch.allclose(names.norm(dim=-1), torch.ones(len(names)))
+    tank = tokenizer(" storage tank", add_special_tokens=False)["input_ids"]
+    expected = embeddings[tank].mean(dim=0)
+    assert torch.allclose(names[VOCAB.object_classes.index("storage tank")], expected / expected.norm(), atol=1e-6)
+    red = embeddings[tokenizer(" red", add_special_tokens=False)["input_ids"]].mean(dim=0)
+    assert torch.allclose(names[len(VOCAB.object_classes) + VOCAB.colours.index("red")], red / red.norm(), atol=1e-6)
+
+
+def test_cover_and_colour_logits_read_the_word_directions():
+    k, c = len(VOCAB.object_classes), len(VOCAB.colours)
+    names = torch.nn.functional.normalize(torch.randn(k + c, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    heads = PatchHeads(64, VOCAB, 3, names)
+    truck, red = VOCAB.object_classes.index("truck"), VOCAB.colours.index("red")
+    token = (names[truck] + names[k + red]).view(1, 1, 64)  # a patch pointing at " truck" and " red"
+    out = heads(token)
+    assert out["cover"].shape == (1, 1, k) and out["colour"].shape == (1, 1, c)
+    assert int(out["cover"].argmax()) == truck and int(out["colour"].argmax()) == red
+    with pytest.raises(ValueError, match="word directions"):
+        PatchHeads(64, VOCAB, 3, names[:-1])
+
+
 def test_read_object_annotations_names_a_broken_line(tmp_path):
     path = tmp_path / "objects.jsonl"
     path.write_text(json.dumps({"image": "a.png", "scene_class": None, "width": 1, "height": 1, "objects": []})
@@ -104,6 +131,6 @@ def test_stage0_reports_losses_and_a_held_out_check(stage0_run):
     assert set(report.last_losses) == {"loss", "centres", "cover", "box", "colour", "scene", "position", "corners"}
     assert all(np.isfinite(v) for v in report.last_losses.values())
     assert set(report.held_out) == {"images", "count_exact", "centre_error_patches", "colour_accuracy",
-                                    "position_accuracy", "corner_error_grid"}
+                                    "position_accuracy", "corner_error_grid", "word_match_accuracy"}
     assert 0.0 <= report.held_out["position_accuracy"] <= 100.0 and report.held_out["corner_error_grid"] >= 0.0
     assert report.held_out["images"] == 2 and 0.0 <= report.held_out["count_exact"] <= 100.0

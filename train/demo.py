@@ -580,7 +580,8 @@ def _summary_card(cfg: DemoConfig, summary: dict) -> str:
                        f"the centre heads {check['count_exact']:.0f} % exact, centre error "
                        f"{check['centre_error_patches']:.2f} patches, colour {check['colour_accuracy']:.0f} %, "
                        f"patch row and column {check['position_accuracy']:.0f} %, box corners "
-                       f"off by {check['corner_error_grid']:.1f} grid units")
+                       f"off by {check['corner_error_grid']:.1f} grid units, patches nearest their class's word "
+                       f"{check['word_match_accuracy']:.0f} %")
     else:
         vision_line = "skipped"
     box = cfg.training.box_attention
@@ -609,9 +610,10 @@ scenes (`train.synthetic`) and is **not** a remote-sensing model for real imager
   (count-varying cutout, spatial and colour edits) for every {max(1, round(1 / d.cda_share)) if d.cda_share else 0}th scene.
 - Initialisation: 2-D sine/cosine patch position embeddings (amplitude 0.5) and 1-D sine/cosine
   codes for the grid tokens' input and output embeddings (`train.demo.init_position_codes`).
-- Stage 0 (`train.vision_pretrain`): vision tower and projector trained with linear per-patch heads
+- Stage 0 (`train.vision_pretrain`): vision tower and projector trained with per-patch heads
   (object centres per class, class cover, box offset and size, colour, patch row and column, the
-  covering box's corners on the answer grid; scene class) on every
+  covering box's corners on the answer grid; scene class; the cover and colour logits read the
+  tokens along the language model's embeddings of the class and colour words) on every
   training image, {vision_line}.
 - Instruction samples from `train.instructions`, packed per image into one multi-turn conversation
   (turns per task {asdict(d.turns)}); loss on answer tokens only.

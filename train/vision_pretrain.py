@@ -19,7 +19,10 @@ language model reads; one token per patch) predict, per patch:
   no place to copy into a box answer. With them, each of an object's tokens holds the box
   the answer must spell, in a linear read-out,
 
-and, from the mean image token, the scene class. Images are flipped at random (targets
+and, from the mean image token, the scene class. The class-cover and colour heads read the
+tokens along the language model's own word embeddings of the class and colour names
+(:class:`PatchHeads`), so a patch comes out pointing where the word that names it does.
+Images are flipped at random (targets
 flipped with them). The heads are dropped afterwards; only the tower and projector keep what
 they learned, and the language-model stages go on training them.
 
@@ -47,8 +50,8 @@ from skymoe.tokenization import GRID_TOKENS
 from train.box_attention import box_patch_mask
 from train.loop import bf16_autocast, seconds_per_call_after_prefetch
 
-__all__ = ["PatchVocabulary", "PatchTargets", "patch_targets", "PatchHeads", "read_object_annotations",
-           "VisionPretrainReport", "pretrain_vision"]
+__all__ = ["PatchVocabulary", "PatchTargets", "patch_targets", "PatchHeads", "word_directions",
+           "read_object_annotations", "VisionPretrainReport", "pretrain_vision"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,15 +165,29 @@ GRID_VALUES = len(GRID_TOKENS)  # the answer grid <0>..<100>
 
 
 class PatchHeads(nn.Module):
-    """Linear heads on the projected image tokens: per patch ``K`` centre log-rates, ``K`` cover
-    logits, 4 box values, ``C`` colour logits, ``2 x side`` row and column logits and ``4 x 101``
-    corner logits; per image the scene logits (mean token)."""
+    """Heads on the projected image tokens: per patch ``K`` centre log-rates, ``K`` cover logits,
+    4 box values, ``C`` colour logits, ``2 x side`` row and column logits and ``4 x 101`` corner
+    logits; per image the scene logits (mean token).
 
-    def __init__(self, width: int, vocab: PatchVocabulary, side: int):
+    The cover and colour logits, the heads that name what a patch shows, are not free linear
+    maps: each is the token's projection on its class's or colour's word direction in the
+    language model's input embeddings (``names``), scaled and offset. So a "truck" patch leaves
+    Stage 0 pointing the way the word " truck" does, and a language-model head finds the
+    patches a question names by matching like with like, a map it learns once for all words,
+    instead of one learned key per class (the earlier demos never learned those: "Is there a
+    bus?" was answered yes whatever the image).
+    """
+
+    def __init__(self, width: int, vocab: PatchVocabulary, side: int, names: torch.Tensor):
+        """``names``: ``(K + C, width)`` unit word directions, object classes then colours (:func:`word_directions`)."""
         super().__init__()
         self.k, self.c = len(vocab.object_classes), len(vocab.colours)
-        self.sizes = {"centres": self.k, "cover": self.k, "box": 4, "colour": self.c, "row": side, "column": side,
-                      "corners": 4 * GRID_VALUES}
+        if names.shape != (self.k + self.c, width):
+            raise ValueError(f"names must be ({self.k + self.c}, {width}) word directions, got {tuple(names.shape)}")
+        self.register_buffer("names", names.detach().clone(), persistent=False)
+        self.name_scale = nn.Parameter(torch.ones(self.k + self.c))
+        self.name_bias = nn.Parameter(torch.zeros(self.k + self.c))
+        self.sizes = {"centres": self.k, "box": 4, "row": side, "column": side, "corners": 4 * GRID_VALUES}
         self.patch = nn.Linear(width, sum(self.sizes.values()))
         self.scene = nn.Linear(width, len(vocab.scene_classes))
 
@@ -179,7 +196,20 @@ class PatchHeads(nn.Module):
         (``corners``: ``(batch, side * side, 4, 101)``)."""
         parts = dict(zip(self.sizes, self.patch(tokens).split(list(self.sizes.values()), dim=-1)))
         parts["corners"] = parts["corners"].unflatten(-1, (4, GRID_VALUES))
+        named = (tokens @ self.names.to(tokens.dtype).T) * self.name_scale + self.name_bias
+        parts["cover"], parts["colour"] = named.split([self.k, self.c], dim=-1)
         return {**parts, "scene": self.scene(tokens.mean(dim=1))}
+
+
+def word_directions(tokenizer, embeddings: torch.Tensor, vocab: PatchVocabulary) -> torch.Tensor:
+    """Unit direction of each object class, then each colour, in the input ``embeddings``
+    ``(vocab size, width)``: the mean embedding of the name's tokens as a prompt spells it
+    (after a space, e.g. " storage tank" -> " storage", " tank")."""
+    rows = []
+    for name in (*vocab.object_classes, *vocab.colours):
+        ids = tokenizer(" " + name, add_special_tokens=False)["input_ids"]
+        rows.append(embeddings[ids].float().mean(dim=0))
+    return F.normalize(torch.stack(rows).detach(), dim=-1)
 
 
 def _stack(targets: list[PatchTargets]) -> dict[str, torch.Tensor]:
@@ -315,19 +345,26 @@ def _held_out_check(model, heads: PatchHeads, samples: _PatchSamples, indices: n
                     workers: int) -> dict[str, float]:
     """Count accuracy from the centre heads (sum of rates per class, rounded), box-centre error
     in patches and colour accuracy at centre patches, patch row and column accuracy, and the
-    corner heads' error in grid units (mean over patches a box overlaps and the 4 corners), on
-    images Stage 0 did not train on."""
+    corner heads' error in grid units (mean over patches a box overlaps and the 4 corners), and
+    how often a patch at least half covered by one class lies nearer (cosine) that class's word
+    direction than any other class's, on images Stage 0 did not train on."""
     model.eval()
     exact = total = 0
     centre_err, colour_hits, colour_n = [], 0, 0
     position_hits = position_n = 0
     corner_err = []
+    word_hits = word_n = 0
     device = next(model.parameters()).device
     keys = [[(int(i), False, False) for i in indices[start:start + 16]] for start in range(0, len(indices), 16)]
     for pixel_values, targets in _loader(samples, keys, workers):
         targets = {name: t.to(device) for name, t in targets.items()}
         with bf16_autocast(device):
-            out = heads(_image_tokens(model, pixel_values.to(device)))
+            tokens = _image_tokens(model, pixel_values.to(device))
+            out = heads(tokens)
+        cover, covered_class = targets["cover"].max(dim=-1)
+        nearest_class = (tokens.float() @ heads.names[:heads.k].T).argmax(dim=-1)
+        word_hits += int((nearest_class == covered_class)[cover >= 0.5].sum())
+        word_n += int((cover >= 0.5).sum())
         predicted = out["centres"].float().exp().sum(dim=1).round()
         truth = targets["centres"].sum(dim=1)
         present = truth > 0
@@ -349,7 +386,8 @@ def _held_out_check(model, heads: PatchHeads, samples: _PatchSamples, indices: n
             "centre_error_patches": float(torch.cat(centre_err).mean()) if centre_err else float("nan"),
             "colour_accuracy": 100.0 * colour_hits / max(1, colour_n),
             "position_accuracy": 100.0 * position_hits / max(1, position_n),
-            "corner_error_grid": float(corner_err.mean()) if len(corner_err) else float("nan")}
+            "corner_error_grid": float(corner_err.mean()) if len(corner_err) else float("nan"),
+            "word_match_accuracy": 100.0 * word_hits / max(1, word_n)}
 
 
 def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabulary, seconds: float, lr: float,
@@ -364,7 +402,8 @@ def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabular
 
     Args:
         model: a dense or MoE SkyMoE (fp32); only ``vision_tower`` and ``multi_modal_projector`` change.
-        processor: its processor (the image processor resizes and normalises as at inference).
+        processor: its processor (the image processor resizes and normalises as at inference;
+            the tokenizer spells the class and colour names for :func:`word_directions`).
         objects_jsonl: per-image object annotations (module docstring).
         vocab: label sets of the heads.
         seconds: time budget of the stage.
@@ -383,7 +422,8 @@ def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabular
     side = vision.image_size // vision.patch_size
     torch.manual_seed(seed)
     device = next(model.parameters()).device
-    heads = PatchHeads(model.config.text_config.hidden_size, vocab, side).to(device)
+    names = word_directions(processor.tokenizer, model.get_input_embeddings().weight, vocab)
+    heads = PatchHeads(model.config.text_config.hidden_size, vocab, side, names).to(device)
     params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
     optimizer = torch.optim.AdamW([*params, *heads.parameters()], lr=lr, weight_decay=0.0)
     samples = _PatchSamples(records, processor.image_processor, side, vocab)
