@@ -22,9 +22,9 @@ language model reads; one token per patch) predict, per patch:
 and, from the mean image token, the scene class. The class-cover and colour heads read the
 tokens along the language model's own word embeddings of the class and colour names
 (:class:`PatchHeads`), so a patch comes out pointing where the word that names it does.
-Images are flipped at random (targets
-flipped with them). The heads are dropped afterwards; only the tower and projector keep what
-they learned, and the language-model stages go on training them.
+Images are flipped at random (targets flipped with them). The heads are dropped afterwards;
+only the tower and projector keep what they learned, and the language-model stages go on
+training them.
 
 ``objects.jsonl`` (one line per training image: ``image`` path relative to the file,
 ``scene_class``, ``width``, ``height``, ``objects`` as ``{"label", "box_px", "colour"}``) is
@@ -172,10 +172,11 @@ class PatchHeads(nn.Module):
     The cover and colour logits, the heads that name what a patch shows, are not free linear
     maps: each is the token's projection on its class's or colour's word direction in the
     language model's input embeddings (``names``), scaled and offset. So a "truck" patch leaves
-    Stage 0 pointing the way the word " truck" does, and a language-model head finds the
+    Stage 0 pointing the way the word " truck" does, and a language-model head can find the
     patches a question names by matching like with like, a map it learns once for all words,
-    instead of one learned key per class (the earlier demos never learned those: "Is there a
-    bus?" was answered yes whatever the image).
+    instead of one learned key per class. (Measured on CPU: the alignment holds, 86 % of held-out
+    patches lie nearest their class's word, but the demo's scores did not improve; README, Known
+    limits.)
     """
 
     def __init__(self, width: int, vocab: PatchVocabulary, side: int, names: torch.Tensor):
