@@ -23,6 +23,7 @@ from transformers.models.llava.modeling_llava import (
     LlavaMultiModalProjector,
     LlavaPreTrainedModel,
 )
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .configuration import SkyMoEConfig
@@ -183,13 +184,14 @@ class SkyMoEForConditionalGeneration(SkyMoEPreTrainedModel, LlavaForConditionalG
         self.post_init()
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -203,7 +205,8 @@ class SkyMoEForConditionalGeneration(SkyMoEPreTrainedModel, LlavaForConditionalG
             pixel_values: ``(num_images, 3, image_size, image_size)`` normalised pixels.
             attention_mask: ``(batch, seq)``, 0 on padding (also masks padding out of the aux loss).
             position_ids: ``(batch, seq)``; ``generate`` derives them from the attention mask.
-            past_key_values: KV cache for incremental decoding.
+            cache: KV cache for incremental decoding (transformers >= 5.25 calls it ``cache``,
+                ``past_key_values`` before).
             inputs_embeds: ``(batch, seq, hidden_size)`` instead of ``input_ids``.
             labels: ``(batch, seq)`` targets, ``-100`` where no loss is taken (prompt, image, padding).
             logits_to_keep: Keep only the last N positions' logits (0 = all).
@@ -224,7 +227,7 @@ class SkyMoEForConditionalGeneration(SkyMoEPreTrainedModel, LlavaForConditionalG
                 pixel_values=pixel_values,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 inputs_embeds=inputs_embeds,
                 labels=labels,
                 logits_to_keep=logits_to_keep,
@@ -240,10 +243,10 @@ class SkyMoEForConditionalGeneration(SkyMoEPreTrainedModel, LlavaForConditionalG
             lm_loss=lm_loss,
             aux_loss=aux_loss,
             logits=outputs.logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
+            image_outputs=outputs.image_outputs,
         )
 
     def _checked_task_ids(self, task_ids: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:

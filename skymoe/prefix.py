@@ -221,7 +221,7 @@ class TilePrefix:
             input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
             if do_sample:
                 out = model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **extra,
+                    input_ids=input_ids, attention_mask=attention_mask, cache=cache, **extra,
                     max_new_tokens=max_new_tokens, do_sample=True, pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id, output_logits=True, return_dict_in_generate=True,
                 )
@@ -253,7 +253,7 @@ class TilePrefix:
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         tokens, logits = [], []
         for step in range(max_new_tokens):
-            hidden = text_model(input_ids=feed, attention_mask=mask, position_ids=positions, past_key_values=cache,
+            hidden = text_model(input_ids=feed, attention_mask=mask, position_ids=positions, cache=cache,
                                 use_cache=True, **extra).last_hidden_state[:, -1]  # (rows, D)
             step_logits = model.lm_head(hidden)  # (rows, vocab)
             chosen = torch.where(finished, pad, step_logits.argmax(-1))  # (rows,)
@@ -304,7 +304,7 @@ class TilePrefix:
                 extra["task_ids"] = torch.full((self.num_tiles,), task, dtype=torch.long, device=model.device)
             cache = DynamicCache()
             model(input_ids=ids, pixel_values=self._pixel_values, attention_mask=torch.ones_like(ids),
-                  past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
+                  cache=cache, use_cache=True, logits_to_keep=1, **extra)
             self._kv[task] = tuple((layer.keys, layer.values) for layer in cache.layers)
             logger.debug("encoded the image prefix of %d tiles (%d tokens, task %d)", self.num_tiles,
                          self.prefix_length, task)

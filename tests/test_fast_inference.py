@@ -131,8 +131,8 @@ def test_a_whole_decoding_step_traces_without_graph_breaks_on_the_sync_free_path
 
     def decoding_step(forward) -> torch.Tensor:
         cache = StaticCache(config=model.config, max_cache_len=16)
-        model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(10), **extra)
-        return forward(input_ids=torch.tensor([[7]]), past_key_values=cache, cache_position=torch.tensor([10]),
+        model(input_ids=prompt, cache=cache, cache_position=torch.arange(10), **extra)
+        return forward(input_ids=torch.tensor([[7]]), cache=cache, cache_position=torch.tensor([10]),
                        position_ids=torch.tensor([[10]]), attention_mask=torch.ones(1, 11, dtype=torch.long),
                        **extra).logits
 
