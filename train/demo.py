@@ -264,7 +264,8 @@ def pack_conversation(samples: list[InstructionSample], quota: dict[str, int],
 def _object_line(image, image_ref: str) -> dict:
     """One ``objects.jsonl`` line (:mod:`train.vision_pretrain`) of an annotated image."""
     return {"image": image_ref, "scene_class": image.scene_class, "width": image.width, "height": image.height,
-            "objects": [{"label": o.label, "box_px": list(o.box_px), "colour": o.colour} for o in image.objects]}
+            "objects": [{"label": o.label, "box_px": list(o.box_px), "colour": o.colour,
+                         "size": o.attributes.get("size")} for o in image.objects]}
 
 
 def _cda_records(scene, work_dir: Path, rng: np.random.Generator, cfg: DemoData) -> tuple[list[dict], list[dict]]:
