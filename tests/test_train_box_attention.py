@@ -124,6 +124,36 @@ def test_loop_adds_the_loss_with_its_coef_and_logs_it(tokenizer, tmp_path):
     assert [r["box_attention_loss"] for r in logged] == [h.box_attention_loss for h in result.history]
 
 
+def test_rows_that_carry_some_patches_are_scored_on_those_patches(tokenizer):
+    model = _model(tokenizer).eval()
+    box_loss = BoxAttentionLoss(model, tokenizer, BoxAttentionSettings(coef=1.0, layer=1, head=0))
+    full = PaddingCollator(tokenizer.pad_token_id)([_sample(tokenizer, model)])
+    with torch.no_grad(), box_loss.attached():
+        model(**full)
+        dense = box_loss(full["input_ids"], full["labels"])
+        model(**full)
+        all_listed = box_loss(full["input_ids"], full["labels"], [torch.arange(16)])
+    torch.testing.assert_close(all_listed, dense)
+
+    # the same conversation with only patches 0, 5 and 15 of the 4 x 4 grid as image tokens (no pixels)
+    image_id = model.config.image_token_id
+    ids = full["input_ids"][0]
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[(ids == image_id).nonzero().flatten()[3:]] = False
+    ids, labels = ids[keep][None], full["labels"][0][keep][None]
+    with torch.no_grad(), box_loss.attached():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        sparse = box_loss(ids, labels, [torch.tensor([0, 5, 15])])
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        found = box_loss.targets(ids, labels)
+        weights = box_loss.head_weights([(row, query) for row, query, _ in found])
+    image = (ids[0] == image_id).nonzero().flatten()  # the three image-token positions
+    # box 1 (x 10-40, y 20-60) covers patches 0 and 5 of the three; box 2 (80-90, 80-95) covers patch 15
+    expected = [-torch.log(w[image[[0, 1]]].sum() + 1e-6) for w in weights[:4]]
+    expected += [-torch.log(w[image[[2]]].sum() + 1e-6) for w in weights[4:]]
+    torch.testing.assert_close(sparse, torch.stack(expected).mean())
+
+
 @pytest.mark.parametrize("settings, message", [
     (BoxAttentionSettings(coef=1.0, layer=2), "layer 2 does not exist"),
     (BoxAttentionSettings(coef=1.0, layer=0, head=4), "head 4 does not exist"),

@@ -171,8 +171,15 @@ class BoxAttentionLoss:
                 found.extend((row, query, mask) for query in range(t, t + _BOX_VALUES))
         return found
 
-    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                 image_patches: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The loss of the last forward pass (zero when the batch has no box in an answer).
+
+        Args:
+            input_ids / labels: the batch the model just ran.
+            image_patches: per row, the row-major patch index of each of its image tokens, for
+                inputs that carry only some patches (:mod:`train.oracle_tokens`); None: every
+                row has all ``grid_size ** 2`` patches in order.
 
         Raises:
             RuntimeError: no forward pass ran inside :meth:`attached` since the last call.
@@ -185,8 +192,13 @@ class BoxAttentionLoss:
         is_image = input_ids == self.image_token_id
         terms = []
         for (row, query, mask), over_keys in zip(found, weights):
-            on_image = over_keys[is_image[row, : query + 1]]  # (grid_size ** 2,), row-major patches
-            terms.append(-torch.log(on_image[mask.to(on_image.device)].sum() + 1e-6))
+            on_image = over_keys[is_image[row, : query + 1]]  # one weight per image token, in order
+            if image_patches is not None:
+                mask = mask[image_patches[row]]
+            if mask.any():
+                terms.append(-torch.log(on_image[mask.to(on_image.device)].sum() + 1e-6))
+        if not terms:  # every box lies on patches the rows do not carry
+            return torch.zeros((), device=input_ids.device)
         return torch.stack(terms).mean()
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "BadLine",
     "read_instruction_jsonl",
     "answer_char_spans",
+    "answer_token_labels",
     "encode_sample",
     "InstructionDataset",
     "PaddingCollator",
@@ -187,7 +188,7 @@ def answer_char_spans(turns: Sequence[tuple[str, str]]) -> tuple[str, list[tuple
     return text, spans
 
 
-def _token_labels(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+def answer_token_labels(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
     """Token ids of ``text`` (``<image>`` as one token) and labels that keep answer tokens."""
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(f"{type(tokenizer).__name__} is not a fast tokenizer; offsets are needed to find answer tokens")
@@ -236,7 +237,7 @@ def encode_sample(record: InstructionRecord, processor, max_length: int) -> dict
             image = img.convert("RGB")
     except OSError as exc:
         raise DataError(f"{record.source}: cannot read image {record.image_path}: {exc}") from exc
-    ids, labels = _token_labels(processor.tokenizer, text, spans)
+    ids, labels = answer_token_labels(processor.tokenizer, text, spans)
     batch = processor(images=image, text=text, return_tensors="pt")
     full_ids = batch["input_ids"][0].tolist()
     image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
