@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 import skymoe
-from skymoe.prompts import build_prompt, render_conversation
+from skymoe.prompts import TASKS, build_prompt, render_conversation
 from train.dataset import DataError, InstructionRecord, read_instruction_jsonl
 from train.metrics import caption_scores, count_accuracy, exact_match_accuracy, grounding_accuracy, set_box_iou
 
@@ -50,6 +50,7 @@ __all__ = [
     "score_results",
     "evaluate",
     "build_synthetic_benchmark",
+    "scene_queries",
     "masking_test",
     "params_flops_report",
     "format_table",
@@ -220,6 +221,23 @@ def evaluate(model, processor, records: Sequence[InstructionRecord], batch_size:
     return score_results(results, sizes)
 
 
+def scene_queries(scene, image_ref: str, rng: np.random.Generator, codes: Sequence[str]) -> list[list]:
+    """A synthetic scene's benchmark queries: per task code of ``codes`` (in that order) that the
+    scene has samples for, one sample picked with ``rng``, or for captions (IC) all of them (one
+    query, its references pooled). Canonical prompt templates.
+
+    Returns:
+        One list of :class:`train.instructions.InstructionSample` per query.
+    """
+    from train.instructions import SampleOptions, make_samples
+
+    by_code: dict[str, list] = defaultdict(list)
+    for sample in make_samples(scene, image_ref, SampleOptions(vary_templates=False)):
+        by_code[sample.task].append(sample)
+    return [by_code[code] if code == "IC" else [by_code[code][rng.integers(len(by_code[code]))]]
+            for code in codes if by_code[code]]
+
+
 def build_synthetic_benchmark(out_dir: str | Path, n: int, seed: int, size_px: int = 504) -> Path:
     """Write a fresh synthetic benchmark of about ``n`` queries: one per task per scene.
 
@@ -233,7 +251,7 @@ def build_synthetic_benchmark(out_dir: str | Path, n: int, seed: int, size_px: i
     Returns:
         The JSONL path (images under ``out_dir/images``).
     """
-    from train.instructions import SampleOptions, make_samples, write_jsonl
+    from train.instructions import write_jsonl
     from train.synthetic import generate_dataset
 
     out_dir = Path(out_dir)
@@ -242,13 +260,9 @@ def build_synthetic_benchmark(out_dir: str | Path, n: int, seed: int, size_px: i
     records, queries = [], 0
     for scene in scenes:
         ref = str(Path(scene.image_path).resolve().relative_to(out_dir.resolve()))
-        by_code: dict[str, list] = defaultdict(list)
-        for sample in make_samples(scene, ref, SampleOptions(vary_templates=False)):
-            by_code[sample.task].append(sample)
-        for code in sorted(by_code):
+        for picked in scene_queries(scene, ref, rng, sorted(spec.code for spec in TASKS.values())):
             if queries == n:
                 break
-            picked = by_code[code] if code == "IC" else [by_code[code][rng.integers(len(by_code[code]))]]
             records += [sample.to_json() for sample in picked]
             queries += 1
     path = out_dir / "benchmark.jsonl"

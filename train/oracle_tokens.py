@@ -44,8 +44,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import DynamicCache
-
 import skymoe
 from skymoe.position_codes import patch_grid_codes, sincos_codes
 from skymoe.prompts import TASKS, render_conversation, task_of_code, task_of_prompt
@@ -53,7 +51,8 @@ from train.box_attention import BoxAttentionLoss, BoxAttentionSettings, box_patc
 from train.config import ConfigError, load_config
 from train.dataset import IGNORE_INDEX, InstructionRecord, answer_char_spans, answer_token_labels, read_instruction_jsonl
 from train.demo import DEFAULT_CONFIG, DemoConfig, _cached_data, _conversation_texts, _object_line, build_demo_model
-from train.eval import DEFAULT_MAX_NEW_TOKENS, SampleResult, score_results
+from skymoe.generation import Generation, generations_from_scores
+from train.eval import DEFAULT_MAX_NEW_TOKENS, SampleResult, scene_queries, score_results
 from train.synthetic import generate_dataset
 from train.synthetic.classes import COLOURS, OBJECT_CLASSES, SCENE_CLASSES, SIZE_WORDS
 
@@ -174,6 +173,11 @@ def _image_after_question(user: str) -> str:
     return user.replace("<image>\n", "").replace("<image>", "") + "\n<image>"
 
 
+def _expand_image(values: list[int], at: int, n_image_tokens: int, fill: int) -> list[int]:
+    """``values`` with its entry at ``at`` (the ``<image>`` token) replaced by ``n_image_tokens`` copies of ``fill``."""
+    return values[:at] + [fill] * n_image_tokens + values[at + 1:]
+
+
 def encode_turns(tokenizer, turns: Sequence[tuple[str, str]], n_image_tokens: int,
                  question_first: bool = False) -> tuple[list[int], list[int]]:
     """Token ids and labels (answer tokens only) with ``<image>`` expanded to ``n_image_tokens``."""
@@ -182,8 +186,7 @@ def encode_turns(tokenizer, turns: Sequence[tuple[str, str]], n_image_tokens: in
     ids, labels = answer_token_labels(tokenizer, *answer_char_spans(turns))
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     at = ids.index(image_id)
-    return (ids[:at] + [image_id] * n_image_tokens + ids[at + 1:],
-            labels[:at] + [IGNORE_INDEX] * n_image_tokens + labels[at + 1:])
+    return _expand_image(ids, at, n_image_tokens, image_id), _expand_image(labels, at, n_image_tokens, IGNORE_INDEX)
 
 
 def _embed(model, input_ids: torch.Tensor, image_tokens: list[torch.Tensor]) -> torch.Tensor:
@@ -208,56 +211,34 @@ def _single_turns(records: Sequence[InstructionRecord], tasks: Sequence[str]) ->
 
 @torch.no_grad()
 def _greedy(model, tokenizer, prompts: list[str], image_tokens: list[torch.Tensor], max_new_tokens: int,
-            question_first: bool) -> list[str]:
-    """Greedy answers of one-turn prompts (left padding, KV cache)."""
-    pad, eos, image_id = tokenizer.pad_token_id, tokenizer.eos_token_id, model.config.image_token_id
+            question_first: bool) -> list[Generation]:
+    """Greedy answers of one-turn prompts (left padding, ``model.generate`` from input embeddings)."""
+    pad, image_id = tokenizer.pad_token_id, model.config.image_token_id
     rows = []
     for prompt, tokens in zip(prompts, image_tokens):
         user = _image_after_question(prompt) if question_first else "<image>\n" + prompt
         ids = tokenizer(render_conversation([(user, None)]))["input_ids"]
-        at = ids.index(image_id)
-        rows.append(ids[:at] + [image_id] * len(tokens) + ids[at + 1:])
+        rows.append(_expand_image(ids, ids.index(image_id), len(tokens), image_id))
     length = max(map(len, rows))
-    input_ids = torch.full((len(rows), length), pad)
-    mask = torch.zeros_like(input_ids)
-    for k, row in enumerate(rows):
-        input_ids[k, length - len(row):] = torch.tensor(row)
-        mask[k, length - len(row):] = 1
-    input_ids, mask = input_ids.to(model.device), mask.to(model.device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(inputs_embeds=_embed(model, input_ids, image_tokens), attention_mask=mask,
-                position_ids=positions, cache=DynamicCache(), use_cache=True)
-    generated, done = [], torch.zeros(len(rows), dtype=torch.bool, device=model.device)
-    for _ in range(max_new_tokens):
-        token = torch.where(done, torch.full_like(done, pad, dtype=torch.long), out.logits[:, -1].argmax(-1))
-        generated.append(token)
-        done |= token == eos
-        if done.all():
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        positions = positions[:, -1:] + 1
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=out.cache,
-                    use_cache=True)
-    return tokenizer.batch_decode(torch.stack(generated, dim=1), skip_special_tokens=True)
+    input_ids = torch.tensor([[pad] * (length - len(row)) + row for row in rows], device=model.device)
+    mask = torch.tensor([[0] * (length - len(row)) + [1] * len(row) for row in rows], device=model.device)
+    out = model.generate(inputs_embeds=_embed(model, input_ids, image_tokens), attention_mask=mask,
+                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                         eos_token_id=tokenizer.eos_token_id, output_logits=True, return_dict_in_generate=True)
+    return generations_from_scores(tokenizer, out.sequences, out.logits)  # inputs_embeds: sequences are new tokens
 
 
 def build_eval_set(work_dir: Path, settings: OracleSettings) -> list[tuple]:
-    """``(sample, objects record, (width, height))`` per scored query: one per task per fresh scene."""
-    from train.instructions import SampleOptions, make_samples
-
+    """``(samples, objects record, (width, height))`` per scored query: one per task per fresh scene
+    (:func:`train.eval.scene_queries`; a caption query holds all of the scene's captions)."""
     out_dir = work_dir / f"oracle-eval-seed{settings.eval_seed}"
     scenes = generate_dataset(out_dir, settings.eval_scenes, seed=settings.eval_seed)
     rng = np.random.default_rng(settings.eval_seed)
     queries = []
     for scene in scenes:
         ref = str(Path(scene.image_path).resolve().relative_to(out_dir.resolve()))
-        by_code = defaultdict(list)
-        for sample in make_samples(scene, ref, SampleOptions(vary_templates=False)):
-            by_code[sample.task].append(sample)
-        for code in settings.tasks:
-            if by_code[code]:
-                sample = by_code[code][rng.integers(len(by_code[code]))]
-                queries.append((sample, _object_line(scene, ref), (scene.width, scene.height)))
+        queries += [(samples, _object_line(scene, ref), (scene.width, scene.height))
+                    for samples in scene_queries(scene, ref, rng, settings.tasks)]
     return queries
 
 
@@ -269,17 +250,18 @@ def evaluate_oracle(model, tokenizer, tokens: DesignedTokens, queries: list[tupl
     results, sizes = [], {}
     by_task = defaultdict(list)
     for query in queries:
-        by_task[task_of_code(query[0].task)].append(query)
+        by_task[task_of_code(query[0][0].task)].append(query)
     for task, members in by_task.items():
         for start in range(0, len(members), batch_size):
             chunk = members[start:start + batch_size]
-            answers = _greedy(model, tokenizer, [q[0].prompt for q in chunk],
+            answers = _greedy(model, tokenizer, [q[0][0].prompt for q in chunk],
                               [tokens(q[1], settings.sparse)[0] for q in chunk], DEFAULT_MAX_NEW_TOKENS[task],
                               settings.question_first)
-            for (sample, _, size), answer in zip(chunk, answers):
-                results.append(SampleResult(sample.id, task, sample.granularity, sample.prompt, answer.strip(),
-                                            [sample.answer], 1.0))
-                sizes[sample.id] = size
+            for (samples, _, size), answer in zip(chunk, answers):
+                first = samples[0]
+                results.append(SampleResult(first.id, task, first.granularity, first.prompt, answer.text,
+                                            [s.answer for s in samples], answer.confidence))
+                sizes[first.id] = size
     model.train(was_training)
     report = score_results(results, sizes)
     return {task: {key: None if math.isnan(value) else round(value, 1) for key, value in scores.items()}
