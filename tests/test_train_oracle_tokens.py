@@ -10,7 +10,7 @@ import torch
 import skymoe
 from train.box_attention import box_patch_mask
 from train.dataset import IGNORE_INDEX
-from train.oracle_tokens import DesignedTokens, encode_turns, main
+from train.oracle_tokens import DesignedTokens, answer_objects, encode_turns, main
 
 WIDTH, SIDE = 256, 18
 CAR = {"label": "car", "box_px": [100.8, 201.6, 151.2, 252.0], "colour": "red", "size": "small"}  # grid 20-30, 40-50
@@ -57,6 +57,18 @@ def test_the_same_seed_gives_the_same_codes():
         DesignedTokens(64, SIDE)
 
 
+def test_targets_only_keeps_the_objects_an_answer_boxes():
+    bus = {"label": "bus", "box_px": [302.4, 50.4, 352.8, 100.8], "colour": "red"}  # grid 60-70, 10-20
+    second_car = {**CAR, "box_px": [105.84, 201.6, 156.24, 252.0]}  # one grid unit right of CAR
+    image = {**IMAGE, "objects": [CAR, bus, second_car]}
+    assert answer_objects(image, ["{<20><40><30><50>|<0>}"])["objects"] == [CAR, second_car]  # within one unit
+    assert answer_objects(image, ["{<22><40><32><50>|<0>}"])["objects"] == [second_car]
+    assert answer_objects(image, ["{<60><10><70><20>|<0>}{<21><40><31><50>|<0>}"])["objects"] == [CAR, bus,
+                                                                                                  second_car]
+    assert answer_objects(image, ["no box here"])["objects"] == []
+    assert answer_objects(image, ["{<60><10><70><20>|<0>}"])["scene_class"] == "parking lot"
+
+
 @pytest.mark.parametrize("question_first", [False, True])
 def test_encoding_expands_the_image_and_labels_only_the_answer(question_first):
     turn = ("<image>\n[refer] Where is <p>the car</p>?", "{<20><40><30><50>|<0>}")
@@ -86,9 +98,19 @@ def test_a_tiny_run_trains_scores_and_writes_its_history(tmp_path, capsys):
     assert last["box_attention_loss"] is not None and last["loss"] > 0
 
 
+def test_a_tiny_targets_only_run(tmp_path):
+    out = tmp_path / "oracle.json"
+    assert main(["--work-dir", str(tmp_path / "work"), "--out", str(out), "--tasks", "VG", "--steps", "4",
+                 "--batch", "2", "--eval-scenes", "2", "--targets-only", "--threads", "1",
+                 "--set", "data.scenes=10", "--set", "data.val_scenes=1", "--set", "data.workers=1"]) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["targets_only"] and report["history"][-1]["scores"]["ground"]["n"] == 2
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "VG,XX"], "use task codes from"),
     (["--steps", "2"], "need --steps >= 4"),
+    (["--tasks", "VG,OC", "--targets-only"], "use it with --tasks VG"),
     (["--set", "model.text_layers=four"], "text_layers"),
 ])
 def test_bad_arguments_are_refused_with_a_message(tmp_path, capsys, argv, message):

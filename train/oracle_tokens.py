@@ -17,7 +17,9 @@ Each of the 18 x 18 patches gets a token in the language model's width, a sum of
   map), so a head that finds the patch can read the answer's coordinates off it linearly.
 
 Variants (``python -m train.oracle_tokens --help``): ``--sparse`` keeps only the object-centre
-patches (a handful of tokens instead of 324), ``--box-attention COEF`` adds
+patches (a handful of tokens instead of 324), ``--targets-only`` (grounding) gives codes only to the
+objects the answer boxes, so the model need not find the named object, only copy its corners
+(it separates finding from copying), ``--box-attention COEF`` adds
 :mod:`train.box_attention`'s loss, ``--question-first`` puts the image after the question, so
 image tokens can see what is asked. ``--tasks`` picks which single-turn samples train and score.
 
@@ -52,11 +54,13 @@ from train.config import ConfigError, load_config
 from train.dataset import IGNORE_INDEX, InstructionRecord, answer_char_spans, answer_token_labels, read_instruction_jsonl
 from train.demo import DEFAULT_CONFIG, DemoConfig, _cached_data, _conversation_texts, _object_line, build_demo_model
 from skymoe.generation import Generation, generations_from_scores
+from skymoe.parsing import parse_answer
 from train.eval import DEFAULT_MAX_NEW_TOKENS, SampleResult, scene_queries, score_results
 from train.synthetic import generate_dataset
 from train.synthetic.classes import COLOURS, OBJECT_CLASSES, SCENE_CLASSES, SIZE_WORDS
 
-__all__ = ["DesignedTokens", "OracleSettings", "encode_turns", "train_oracle", "evaluate_oracle", "main"]
+__all__ = ["DesignedTokens", "OracleSettings", "answer_objects", "encode_turns", "train_oracle", "evaluate_oracle",
+           "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +154,7 @@ class OracleSettings:
             warmup over 30 steps, cosine to 10 %).
         sparse: image tokens of object-centre patches only.
         question_first: the first user turn puts the question before the image.
+        targets_only: only the objects the answer boxes are drawn (:func:`answer_objects`).
         box_attention: :mod:`train.box_attention` settings (coef 0 = off).
         eval_scenes / eval_seed: fresh scenes scored at each quarter of the run (one sample per
             task per scene).
@@ -162,10 +167,25 @@ class OracleSettings:
     lr: float = 1e-3
     sparse: bool = False
     question_first: bool = False
+    targets_only: bool = False
     box_attention: BoxAttentionSettings = dataclasses.field(default_factory=BoxAttentionSettings)
     eval_scenes: int = 64
     eval_seed: int = 4242
     seed: int = 0
+
+
+def answer_objects(image: dict, answers: Sequence[str]) -> dict:
+    """``image`` (an ``objects.jsonl`` record) keeping only the objects that ``answers`` box.
+
+    An object is kept when an answer box (read by :func:`skymoe.parsing.parse_answer`) matches its
+    box within one grid unit per corner: answers round corners to whole grid units.
+    """
+    width, height = image["width"], image["height"]
+    tolerance = (width / 100, height / 100, width / 100, height / 100)  # one grid unit, pixels per axis
+    boxes = [box.xyxy_px for answer in answers for box in parse_answer("ground", answer, (width, height)).boxes]
+    named = [obj for obj in image["objects"]
+             if any(all(abs(a - b) <= t + 1e-6 for a, b, t in zip(obj["box_px"], box, tolerance)) for box in boxes)]
+    return {**image, "objects": named}
 
 
 def _image_after_question(user: str) -> str:
@@ -242,6 +262,11 @@ def build_eval_set(work_dir: Path, settings: OracleSettings) -> list[tuple]:
     return queries
 
 
+def _drawn(image: dict, answers: Sequence[str], settings: OracleSettings) -> dict:
+    """The objects the designed tokens draw: all of ``image``'s, or with ``targets_only`` the answer's."""
+    return answer_objects(image, answers) if settings.targets_only else image
+
+
 def evaluate_oracle(model, tokenizer, tokens: DesignedTokens, queries: list[tuple], settings: OracleSettings,
                     batch_size: int = 16) -> dict:
     """Per-task scores (:func:`train.eval.score_results`) of greedy answers on ``queries``."""
@@ -255,8 +280,8 @@ def evaluate_oracle(model, tokenizer, tokens: DesignedTokens, queries: list[tupl
         for start in range(0, len(members), batch_size):
             chunk = members[start:start + batch_size]
             answers = _greedy(model, tokenizer, [q[0][0].prompt for q in chunk],
-                              [tokens(q[1], settings.sparse)[0] for q in chunk], DEFAULT_MAX_NEW_TOKENS[task],
-                              settings.question_first)
+                              [tokens(_drawn(q[1], [s.answer for s in q[0]], settings), settings.sparse)[0]
+                               for q in chunk], DEFAULT_MAX_NEW_TOKENS[task], settings.question_first)
             for (samples, _, size), answer in zip(chunk, answers):
                 first = samples[0]
                 results.append(SampleResult(first.id, task, first.granularity, first.prompt, answer.text,
@@ -294,7 +319,8 @@ def train_oracle(model, tokenizer, records: list[InstructionRecord], objects: di
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(settings, step)
         picked = [records[order[(step * settings.batch + k) % len(order)]] for k in range(settings.batch)]
-        designed = [tokens(objects[str(r.image_path)], settings.sparse) for r in picked]
+        designed = [tokens(_drawn(objects[str(r.image_path)], [answer for _, answer in r.turns], settings),
+                           settings.sparse) for r in picked]
         encoded = [encode_turns(tokenizer, r.turns, len(t), settings.question_first)
                    for r, (t, _) in zip(picked, designed)]
         length = max(len(ids) for ids, _ in encoded)
@@ -336,6 +362,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--sparse", action="store_true", help="only the object-centre patches as image tokens")
     parser.add_argument("--question-first", action="store_true", help="the image after the first question")
+    parser.add_argument("--targets-only", action="store_true",
+                        help="grounding: draw only the objects the answer boxes (copying without finding)")
     parser.add_argument("--box-attention", type=float, default=0.0, metavar="COEF",
                         help="train.box_attention loss weight (0 = off)")
     parser.add_argument("--box-layer", type=int, default=1)
@@ -357,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     if not codes or not set(codes) <= known:
         print(f"error: --tasks {args.tasks!r}: use task codes from {', '.join(sorted(known))}", file=sys.stderr)
         return 2
+    if args.targets_only and codes != ("VG",):
+        print("error: --targets-only draws the objects an answer boxes: use it with --tasks VG", file=sys.stderr)
+        return 2
     if args.steps < 4 or args.batch < 1:
         print(f"error: need --steps >= 4 and --batch >= 1, got {args.steps} and {args.batch}", file=sys.stderr)
         return 2
@@ -368,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = OracleSettings(codes, args.steps, args.batch, args.lr, args.sparse, args.question_first,
-                              BoxAttentionSettings(args.box_attention, args.box_layer, 0), args.eval_scenes,
-                              seed=args.seed)
+                              args.targets_only, BoxAttentionSettings(args.box_attention, args.box_layer, 0),
+                              args.eval_scenes, seed=args.seed)
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     _, moe_jsonl, objects_jsonl, _ = _cached_data(work_dir, cfg)
