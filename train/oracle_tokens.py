@@ -56,6 +56,7 @@ from train.demo import DEFAULT_CONFIG, DemoConfig, _cached_data, _conversation_t
 from skymoe.generation import Generation, generations_from_scores
 from skymoe.parsing import parse_answer
 from train.eval import DEFAULT_MAX_NEW_TOKENS, SampleResult, scene_queries, score_results
+from train.instructions import box_norm100
 from train.synthetic import generate_dataset
 from train.synthetic.classes import COLOURS, OBJECT_CLASSES, SCENE_CLASSES, SIZE_WORDS
 
@@ -178,13 +179,14 @@ def answer_objects(image: dict, answers: Sequence[str]) -> dict:
     """``image`` (an ``objects.jsonl`` record) keeping only the objects that ``answers`` box.
 
     An object is kept when an answer box (read by :func:`skymoe.parsing.parse_answer`) matches its
-    box within one grid unit per corner: answers round corners to whole grid units.
+    box within one unit of the 0-100 grid per corner: answers round corners to whole grid units.
     """
-    width, height = image["width"], image["height"]
-    tolerance = (width / 100, height / 100, width / 100, height / 100)  # one grid unit, pixels per axis
-    boxes = [box.xyxy_px for answer in answers for box in parse_answer("ground", answer, (width, height)).boxes]
+    size = (image["width"], image["height"])
+    boxes = [box_norm100(box.xyxy_px, *size)
+             for answer in answers for box in parse_answer("ground", answer, size).boxes]
     named = [obj for obj in image["objects"]
-             if any(all(abs(a - b) <= t + 1e-6 for a, b, t in zip(obj["box_px"], box, tolerance)) for box in boxes)]
+             if any(max(abs(a - b) for a, b in zip(box_norm100(obj["box_px"], *size), box)) <= 1 + 1e-6
+                    for box in boxes)]
     return {**image, "objects": named}
 
 
