@@ -31,6 +31,17 @@ def test_bad_band_and_aoi_arguments(tmp_path, capsys):
     assert "minx,miny,maxx,maxy" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("out, message", [("missing/boxes.geojson", "does not exist; create it first"),
+                                          ("boxes.shp", "unknown extension '.shp'")])
+def test_a_bad_out_path_is_refused_before_the_analysis(tmp_path, capsys, out, message):
+    # the model folder is missing too: the --out error comes first, before any tile or model is touched
+    raster = mr.make_sized(tmp_path / "r.tif", 64, 64)
+    code = main(["analyze", str(raster), "--task", "count", "--query", "car", "--model", str(tmp_path / "nomodel"),
+                 "--out", str(tmp_path / out)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "nomodel" not in err and "Traceback" not in err
+
+
 @pytest.mark.skipif(importlib.util.find_spec("leafmap") is not None, reason="leafmap is installed")
 def test_notebook_helper_without_leafmap_says_how_to_install():
     from tiling.notebook import show_on_map

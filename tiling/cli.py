@@ -109,6 +109,10 @@ def _run(args: argparse.Namespace) -> int:
     from tiling.analysis import iter_analyze, iter_analyze_queries
     from tiling.raster import open_raster
 
+    if args.out is not None:  # refuse a bad --out before the analysis, not after it
+        from tiling.export import check_export_path
+
+        check_export_path(args.out)
     raster = open_raster(args.raster, bands=_bands(args.bands), stretch=_stretch(args.stretch),
                          pixel_mode=args.pixel_mode)
     aoi = _aoi(args.aoi)

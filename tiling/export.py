@@ -28,12 +28,23 @@ from tiling.errors import ExportError, MissingCRSError
 from tiling.georef import to_geojson_lonlat
 from tiling.raster import Raster
 
-__all__ = ["EXPORT_FORMATS", "export", "export_html_map"]
+__all__ = ["EXPORT_FORMATS", "check_export_path", "export", "export_html_map"]
 
 logger = logging.getLogger(__name__)
 
 #: Extensions :func:`export` writes.
 EXPORT_FORMATS = (".geojson", ".gpkg", ".csv")
+
+
+def check_export_path(path: str | Path) -> None:
+    """Raise :class:`ExportError` now if ``path`` cannot be written by :func:`export` or
+    :func:`export_html_map` (unknown extension, missing folder), so a caller can refuse it before
+    a long analysis instead of after it."""
+    path = Path(path)
+    if path.suffix.lower() not in (*EXPORT_FORMATS, ".html"):
+        raise ExportError(f"cannot export to {path.name!r}: unknown extension {path.suffix.lower()!r}; "
+                          f"use one of {(*EXPORT_FORMATS, '.html')}")
+    _existing_folder(path)
 
 
 def export(result: SceneResult, path: str | Path) -> Path:
@@ -65,11 +76,17 @@ def export(result: SceneResult, path: str | Path) -> Path:
     return path
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a temporary file next to ``path``, then rename it to ``path``."""
+def _existing_folder(path: Path) -> Path:
+    """The folder ``path`` goes into; :class:`ExportError` when it does not exist."""
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise ExportError(f"cannot write {path}: the folder {folder} does not exist; create it first")
+    return folder
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` on a temporary file next to ``path``, then rename it to ``path``."""
+    folder = _existing_folder(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=folder)
     os.close(fd)
     tmp = Path(tmp_name)
