@@ -125,6 +125,7 @@ def test_demo_recipe_ran_both_stages_and_reports_them(demo_run):
     card = (out / "README.md").read_text()
     assert "synthetic" in card.lower() and "python -m train.demo --config train/configs/demo.yaml" in card
     assert "Box-attention supervision" in card and "head 0 of decoder layer 1" in card
+    assert "boxes read off an object's centre patch within IoU 0.5: box head" in card
     assert json.loads((out / "config.json").read_text()).get("_attn_implementation") in (None, "sdpa")
     assert summary["config_file"] == "train/configs/demo.yaml"
 

@@ -12,8 +12,8 @@ import torch
 import skymoe
 from train.demo import (DemoData, DemoModel, _conversation_texts, _patch_vocabulary, build_demo_model,
                         build_training_data)
-from train.vision_pretrain import (PatchHeads, _flipped, patch_targets, pretrain_vision, read_object_annotations,
-                                   word_directions)
+from train.vision_pretrain import (PatchHeads, _flipped, _stack, centre_box_iou, head_losses, patch_targets,
+                                   pretrain_vision, read_object_annotations, word_directions, xyxy_iou)
 
 VOCAB = _patch_vocabulary()
 
@@ -94,6 +94,18 @@ def test_cover_and_colour_logits_read_the_word_directions():
         PatchHeads(64, VOCAB, 3, names[:-1])
 
 
+def test_box_weight_scales_the_box_term_only():
+    k, c = len(VOCAB.object_classes), len(VOCAB.colours)
+    names = torch.nn.functional.normalize(torch.randn(k + c, 64, generator=torch.Generator().manual_seed(1)), dim=-1)
+    heads = PatchHeads(64, VOCAB, 3, names)
+    objects = [{"label": "car", "box_px": (2.0, 2.0, 10.0, 8.0), "colour": "red"}]
+    targets = _stack([patch_targets(objects, None, 30, 30, 3, VOCAB)])
+    outputs = heads(torch.randn(1, 9, 64, generator=torch.Generator().manual_seed(2)))
+    plain, weighted = head_losses(outputs, targets), head_losses(outputs, targets, box_weight=10.0)
+    assert weighted["box"].item() == pytest.approx(10.0 * plain["box"].item()) and plain["box"].item() > 0
+    assert all(torch.equal(weighted[name], plain[name]) for name in plain if name != "box")
+
+
 def test_read_object_annotations_names_a_broken_line(tmp_path):
     path = tmp_path / "objects.jsonl"
     path.write_text(json.dumps({"image": "a.png", "scene_class": None, "width": 1, "height": 1, "objects": []})
@@ -131,6 +143,25 @@ def test_stage0_reports_losses_and_a_held_out_check(stage0_run):
     assert set(report.last_losses) == {"loss", "centres", "cover", "box", "colour", "scene", "position", "corners"}
     assert all(np.isfinite(v) for v in report.last_losses.values())
     assert set(report.held_out) == {"images", "count_exact", "centre_error_patches", "colour_accuracy",
-                                    "position_accuracy", "corner_error_grid", "word_match_accuracy"}
+                                    "position_accuracy", "corner_error_grid", "word_match_accuracy",
+                                    "centre_box_acc50", "corner_box_acc50", "patch_only_acc50"}
     assert 0.0 <= report.held_out["position_accuracy"] <= 100.0 and report.held_out["corner_error_grid"] >= 0.0
     assert report.held_out["images"] == 2 and 0.0 <= report.held_out["count_exact"] <= 100.0
+
+
+def test_xyxy_iou_by_hand():
+    a = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0]])
+    b = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 0.0, 15.0, 10.0], [10.0, 0.0, 20.0, 10.0]])
+    assert torch.allclose(xyxy_iou(a, b), torch.tensor([1.0, 50.0 / 150.0, 0.0]))  # touching edges: 0
+
+
+def test_centre_box_iou_by_hand():
+    log = math.log
+    truth = torch.tensor([[0.5, 0.5, log(2.0), log(1.0)], [0.9, 0.1, log(0.4), log(0.4)]])
+    assert torch.allclose(centre_box_iou(truth, truth), torch.ones(2))
+    shifted = truth.clone()
+    shifted[0, 0] = 1.0  # half a patch right: overlap 1.5 x 1 of a union 2 + 2 - 1.5
+    assert centre_box_iou(shifted, truth)[0].item() == pytest.approx(0.6)
+    # the right size at the patch middle: the 2 x 1 box is found, the 0.4-patch one in the corner is not
+    at_middle = centre_box_iou(truth, truth, torch.tensor([0.5, 0.5]))
+    assert at_middle[0].item() == pytest.approx(1.0) and at_middle[1].item() == 0.0

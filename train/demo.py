@@ -170,6 +170,8 @@ class DemoTraining:
         vision_share: share of the time left after data generation given to Stage 0
             (:mod:`train.vision_pretrain`; 0 skips it).
         vision_lr / vision_batch: Stage 0's peak AdamW learning rate and images per step.
+        vision_box_weight: weight of Stage 0's box-head loss (centre offset inside the patch and
+            log size); the other head losses weigh 1.
         dense_share: share of the time left after Stage 0 given to the dense stage.
         micro_batch / global_batch: conversations per forward / per optimizer step.
         dense_lr / moe_lr: peak AdamW learning rates (cosine, warmup 5 %, floor 10 %).
@@ -186,6 +188,7 @@ class DemoTraining:
     vision_share: float = 0.15
     vision_lr: float = 1e-3
     vision_batch: int = 16
+    vision_box_weight: float = 1.0
     dense_share: float = 0.6
     micro_batch: int = 4
     global_batch: int = 8
@@ -582,7 +585,9 @@ def _summary_card(cfg: DemoConfig, summary: dict) -> str:
                        f"{check['centre_error_patches']:.2f} patches, colour {check['colour_accuracy']:.0f} %, "
                        f"patch row and column {check['position_accuracy']:.0f} %, box corners "
                        f"off by {check['corner_error_grid']:.1f} grid units, patches nearest their class's word "
-                       f"{check['word_match_accuracy']:.0f} %")
+                       f"{check['word_match_accuracy']:.0f} %, boxes read off an object's centre patch within IoU "
+                       f"0.5: box head {check['centre_box_acc50']:.0f} %, corner heads {check['corner_box_acc50']:.0f} "
+                       f"% (the true size at the patch middle: {check['patch_only_acc50']:.0f} %)")
     else:
         vision_line = "skipped"
     box = cfg.training.box_attention
@@ -658,7 +663,7 @@ def run_demo(cfg: DemoConfig, out_dir: Path, work_dir: Path, config_file: str | 
     if cfg.training.vision_share > 0:
         vision = pretrain_vision(model, processor, objects_jsonl, _patch_vocabulary(), left * cfg.training.vision_share,
                                  cfg.training.vision_lr, cfg.training.vision_batch, cfg.seed,
-                                 workers=cfg.training.loader_workers)
+                                 workers=cfg.training.loader_workers, box_weight=cfg.training.vision_box_weight)
     left = budget_s - (time.monotonic() - start) - reserve_s
     dense = run_phase("dense", model, processor, dense_jsonl, val_records, cfg.training, cfg.training.dense_lr,
                       left * cfg.training.dense_share, run_dir, cfg.seed)

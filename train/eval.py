@@ -50,6 +50,7 @@ __all__ = [
     "score_results",
     "evaluate",
     "build_synthetic_benchmark",
+    "add_benchmark_arguments",
     "scene_queries",
     "masking_test",
     "params_flops_report",
@@ -394,14 +395,21 @@ def format_table(report: EvalReport) -> str:
     return "\n".join(lines)
 
 
+def add_benchmark_arguments(parser: argparse.ArgumentParser, default_seed: int) -> None:
+    """``--data JSONL`` or ``--synthetic --seed S --n N`` (:func:`build_synthetic_benchmark`), one required."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="instruction JSONL")
+    source.add_argument("--synthetic", action="store_true", help="build a fresh synthetic benchmark first")
+    parser.add_argument("--seed", type=int, default=default_seed,
+                        help="benchmark seed (use one never used in training; default: %(default)s)")
+    parser.add_argument("--n", type=int, default=500, help="benchmark samples (default: %(default)s)")
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="SkyMoE checkpoint folder")
-    parser.add_argument("--data", help="instruction JSONL (omit with --synthetic)")
     parser.add_argument("--out", required=True, help="metrics JSON to write (predictions go beside it)")
-    parser.add_argument("--synthetic", action="store_true", help="build a fresh synthetic benchmark first")
-    parser.add_argument("--seed", type=int, default=1234, help="benchmark seed (use one never used in training)")
-    parser.add_argument("--n", type=int, default=500, help="benchmark samples")
+    add_benchmark_arguments(parser, default_seed=1234)
     parser.add_argument("--quant", default="none", choices=["none", "8bit", "4bit"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -409,10 +417,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--masking-test", action="store_true", help="the paper's Figure 1 masking test")
     parser.add_argument("--masking-scenes", type=int, default=40, help="synthetic scenes for the masking test")
     parser.add_argument("--report-params", action="store_true", help="Table 7-style params / FLOPs report")
-    args = parser.parse_args(argv)
-    if not args.synthetic and not args.data:
-        parser.error("give --data JSONL or --synthetic")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

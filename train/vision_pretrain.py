@@ -51,7 +51,7 @@ from train.box_attention import box_patch_mask
 from train.loop import bf16_autocast, seconds_per_call_after_prefetch
 
 __all__ = ["PatchVocabulary", "PatchTargets", "patch_targets", "PatchHeads", "word_directions",
-           "read_object_annotations", "VisionPretrainReport", "pretrain_vision"]
+           "xyxy_iou", "centre_box_iou", "read_object_annotations", "VisionPretrainReport", "pretrain_vision"]
 
 logger = logging.getLogger(__name__)
 
@@ -228,14 +228,16 @@ def _patch_rows_and_columns(patches: int, device) -> tuple[torch.Tensor, torch.T
     return index // side, index % side
 
 
-def head_losses(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-term losses (each summed over classes, averaged over patches / images)."""
+def head_losses(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+                box_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """Per-term losses (each summed over classes, averaged over patches / images), the box term
+    (L1 of the centre offset and log size) times ``box_weight``."""
     k = outputs["centres"].shape[-1]
     has_box = targets["has_box"]
     losses = {
         "centres": F.poisson_nll_loss(outputs["centres"].float(), targets["centres"], log_input=True) * k,
         "cover": F.binary_cross_entropy_with_logits(outputs["cover"].float(), targets["cover"]) * k,
-        "box": (F.l1_loss(outputs["box"][has_box].float(), targets["box"][has_box]) if has_box.any()
+        "box": (box_weight * F.l1_loss(outputs["box"][has_box].float(), targets["box"][has_box]) if has_box.any()
                 else outputs["box"].sum() * 0.0),
         "colour": (F.cross_entropy(outputs["colour"][has_box].float(), targets["colour"][has_box], ignore_index=-100)
                    if (targets["colour"][has_box] >= 0).any() else outputs["colour"].sum() * 0.0),
@@ -341,6 +343,28 @@ def _image_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.stack(list(features))
 
 
+def xyxy_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise IoU of two ``(n, 4)`` sets of ``(x1, y1, x2, y2)`` boxes (any one unit)."""
+    overlap = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0).prod(dim=1)
+    union = (a[:, 2:] - a[:, :2]).prod(dim=1) + (b[:, 2:] - b[:, :2]).prod(dim=1) - overlap
+    return overlap / union.clamp(min=1e-9)
+
+
+def centre_box_iou(box: torch.Tensor, truth: torch.Tensor, centre_offset: torch.Tensor | None = None) -> torch.Tensor:
+    """IoU of boxes written as ``box`` head values (centre offset in the patch, log width and
+    height in patches; ``(n, 4)``) against ``truth`` of the same form, both at the same patches.
+
+    ``centre_offset`` ``(2,)`` replaces the predicted offset (e.g. the patch middle, 0.5, 0.5):
+    the IoU a box of the right size would reach knowing only which patch holds the centre.
+    """
+    def xyxy(centre: torch.Tensor, log_size: torch.Tensor) -> torch.Tensor:
+        half = log_size.float().exp() / 2
+        return torch.cat([centre - half, centre + half], dim=1)
+
+    centre = box[:, :2] if centre_offset is None else centre_offset.to(box).expand(len(box), 2)
+    return xyxy_iou(xyxy(centre.float(), box[:, 2:]), xyxy(truth[:, :2].float(), truth[:, 2:]))
+
+
 @torch.no_grad()
 def _held_out_check(model, heads: PatchHeads, samples: _PatchSamples, indices: np.ndarray,
                     workers: int) -> dict[str, float]:
@@ -348,13 +372,20 @@ def _held_out_check(model, heads: PatchHeads, samples: _PatchSamples, indices: n
     in patches and colour accuracy at centre patches, patch row and column accuracy, and the
     corner heads' error in grid units (mean over patches a box overlaps and the 4 corners), and
     how often a patch at least half covered by one class lies nearer (cosine) that class's word
-    direction than any other class's, on images Stage 0 did not train on."""
+    direction than any other class's, on images Stage 0 did not train on.
+
+    Grounding ceilings at the patches holding a box centre, as the share of boxes with IoU >= 0.5
+    against the object's: the box head's box (offset and size) and the corner heads' box (what a
+    language model that found the right patch could copy), and a box of the true size placed at
+    the patch middle (what finding the patch alone buys: small objects need the offset inside
+    the patch)."""
     model.eval()
     exact = total = 0
     centre_err, colour_hits, colour_n = [], 0, 0
     position_hits = position_n = 0
     corner_err = []
     word_hits = word_n = 0
+    box_ious, corner_ious, patch_only_ious = [], [], []
     device = next(model.parameters()).device
     keys = [[(int(i), False, False) for i in indices[start:start + 16]] for start in range(0, len(indices), 16)]
     for pixel_values, targets in _loader(samples, keys, workers):
@@ -373,6 +404,11 @@ def _held_out_check(model, heads: PatchHeads, samples: _PatchSamples, indices: n
         total += int(present.sum())
         has_box = targets["has_box"]
         centre_err.append((out["box"][has_box][:, :2].float() - targets["box"][has_box][:, :2]).abs().mean(dim=1))
+        box_ious.append(centre_box_iou(out["box"][has_box].float(), targets["box"][has_box]))
+        corner_ious.append(xyxy_iou(out["corners"][has_box].argmax(-1).float(),
+                                    targets["corners"][has_box].float()))
+        patch_only_ious.append(centre_box_iou(targets["box"][has_box], targets["box"][has_box],
+                                              torch.tensor([0.5, 0.5])))
         colour_known = targets["colour"][has_box] >= 0
         colour_hits += int((out["colour"][has_box].argmax(-1) == targets["colour"][has_box])[colour_known].sum())
         colour_n += int(colour_known.sum())
@@ -383,17 +419,23 @@ def _held_out_check(model, heads: PatchHeads, samples: _PatchSamples, indices: n
         corner_err.append((out["corners"][in_box].argmax(-1) - targets["corners"][in_box]).abs().float().flatten())
     model.train()
     corner_err = torch.cat(corner_err) if corner_err else torch.zeros(0)
+    def acc50(ious: list[torch.Tensor]) -> float:
+        ious = torch.cat(ious)
+        return 100.0 * float((ious >= 0.5).float().mean()) if len(ious) else float("nan")
+
     return {"images": float(len(indices)), "count_exact": 100.0 * exact / max(1, total),
             "centre_error_patches": float(torch.cat(centre_err).mean()) if centre_err else float("nan"),
             "colour_accuracy": 100.0 * colour_hits / max(1, colour_n),
             "position_accuracy": 100.0 * position_hits / max(1, position_n),
             "corner_error_grid": float(corner_err.mean()) if len(corner_err) else float("nan"),
-            "word_match_accuracy": 100.0 * word_hits / max(1, word_n)}
+            "word_match_accuracy": 100.0 * word_hits / max(1, word_n),
+            "centre_box_acc50": acc50(box_ious), "corner_box_acc50": acc50(corner_ious),
+            "patch_only_acc50": acc50(patch_only_ious)}
 
 
 def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabulary, seconds: float, lr: float,
                     batch_size: int, seed: int, held_out: int = 64, log_every: int = 25,
-                    workers: int = 0) -> VisionPretrainReport:
+                    workers: int = 0, box_weight: float = 1.0) -> VisionPretrainReport:
     """Train the vision tower and projector of ``model`` in place with :class:`PatchHeads` for about ``seconds``.
 
     Trains on the model's device (bf16 autocast on CUDA). The step count is planned from a
@@ -414,6 +456,7 @@ def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabular
         held_out: images kept for the closing check.
         log_every: log the loss terms every this many steps.
         workers: loader processes decoding images (0 = in this process).
+        box_weight: weight of the box-head loss (:func:`head_losses`).
     """
     records = read_object_annotations(objects_jsonl)
     if len(records) <= held_out:
@@ -435,7 +478,7 @@ def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabular
         pixel_values, targets = next(batches)
         targets = {name: t.to(device) for name, t in targets.items()}
         with bf16_autocast(device):
-            losses = head_losses(heads(_image_tokens(model, pixel_values.to(device))), targets)
+            losses = head_losses(heads(_image_tokens(model, pixel_values.to(device))), targets, box_weight)
         loss = sum(losses.values())
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*params, *heads.parameters()], 1.0)
