@@ -41,10 +41,16 @@ def check_export_path(path: str | Path) -> None:
     :func:`export_html_map` (unknown extension, missing folder), so a caller can refuse it before
     a long analysis instead of after it."""
     path = Path(path)
-    if path.suffix.lower() not in (*EXPORT_FORMATS, ".html"):
-        raise ExportError(f"cannot export to {path.name!r}: unknown extension {path.suffix.lower()!r}; "
-                          f"use one of {(*EXPORT_FORMATS, '.html')}")
+    _known_suffix(path, (*EXPORT_FORMATS, ".html"))
     _existing_folder(path)
+
+
+def _known_suffix(path: Path, formats: tuple[str, ...]) -> str:
+    """``path``'s extension, lower case; :class:`ExportError` when it is not one of ``formats``."""
+    suffix = path.suffix.lower()
+    if suffix not in formats:
+        raise ExportError(f"cannot export to {path.name!r}: unknown extension {suffix!r}; use one of {formats}")
+    return suffix
 
 
 def export(result: SceneResult, path: str | Path) -> Path:
@@ -63,15 +69,12 @@ def export(result: SceneResult, path: str | Path) -> Path:
             result, or a write failure (nothing is left behind).
     """
     path = Path(path)
-    suffix = path.suffix.lower()
     writers: dict[str, Callable[[Path], None]] = {
         ".geojson": lambda tmp: _write_geojson(result, tmp),
         ".gpkg": lambda tmp: _write_gpkg(result, tmp),
         ".csv": lambda tmp: _write_csv(result, tmp),
     }
-    if suffix not in writers:
-        raise ExportError(f"cannot export to {path.name!r}: unknown extension {suffix!r}; use one of {EXPORT_FORMATS}")
-    _atomic_write(path, writers[suffix])
+    _atomic_write(path, writers[_known_suffix(path, EXPORT_FORMATS)])
     logger.info("exported %d detections to %s", len(result.detections), path)
     return path
 

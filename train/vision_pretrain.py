@@ -419,18 +419,20 @@ def _held_out_check(model, heads: PatchHeads, samples: _PatchSamples, indices: n
         corner_err.append((out["corners"][in_box].argmax(-1) - targets["corners"][in_box]).abs().float().flatten())
     model.train()
     corner_err = torch.cat(corner_err) if corner_err else torch.zeros(0)
-    def acc50(ious: list[torch.Tensor]) -> float:
-        ious = torch.cat(ious)
-        return 100.0 * float((ious >= 0.5).float().mean()) if len(ious) else float("nan")
-
     return {"images": float(len(indices)), "count_exact": 100.0 * exact / max(1, total),
             "centre_error_patches": float(torch.cat(centre_err).mean()) if centre_err else float("nan"),
             "colour_accuracy": 100.0 * colour_hits / max(1, colour_n),
             "position_accuracy": 100.0 * position_hits / max(1, position_n),
             "corner_error_grid": float(corner_err.mean()) if len(corner_err) else float("nan"),
             "word_match_accuracy": 100.0 * word_hits / max(1, word_n),
-            "centre_box_acc50": acc50(box_ious), "corner_box_acc50": acc50(corner_ious),
-            "patch_only_acc50": acc50(patch_only_ious)}
+            "centre_box_acc50": _percent_iou50(box_ious), "corner_box_acc50": _percent_iou50(corner_ious),
+            "patch_only_acc50": _percent_iou50(patch_only_ious)}
+
+
+def _percent_iou50(ious: list[torch.Tensor]) -> float:
+    """Percent of the IoUs (batches concatenated) at or above 0.5; NaN for none."""
+    ious = torch.cat(ious)
+    return 100.0 * float((ious >= 0.5).float().mean()) if len(ious) else float("nan")
 
 
 def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabulary, seconds: float, lr: float,
