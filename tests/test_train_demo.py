@@ -74,7 +74,8 @@ def demo_run(tmp_path_factory):
                      data=DemoData(scenes=6, cda_share=0.5, val_scenes=1, workers=1),
                      training=DemoTraining(budget_minutes=0.3, micro_batch=2, global_batch=2, chunk_minutes=0.05,
                                            max_length=512,
-                                           box_attention=BoxAttentionSettings(coef=1.0, layer=1, head=0)))
+                                           box_attention=BoxAttentionSettings(coef=1.0, layer=1, head=0),
+                                           word_match_scale=1.0, language_trainable="llm"))
     out = root / "ckpt"
     summary = run_demo(cfg, out, root / "work")
     return out, summary, root / "work"
@@ -126,6 +127,14 @@ def test_demo_recipe_ran_both_stages_and_reports_them(demo_run):
     assert "synthetic" in card.lower() and "python -m train.demo --config train/configs/demo.yaml" in card
     assert "Box-attention supervision" in card and "head 0 of decoder layer 1" in card
     assert "boxes read off an object's centre patch within IoU 0.5: box head" in card
+    assert "Word-match head (`train.word_match`): head 0 of decoder layer 0" in card
+    # language_trainable="llm": the language stages leave the tower and projector as Stage 0 left them
+    for phase in ("dense", "moe"):
+        saved = sorted((Path(summary["run_dir"]) / phase / "checkpoints").glob("step-*/trainable.safetensors"))
+        with safe_open(saved[-1], "pt") as fh:
+            keys = list(fh.keys())
+        assert keys and not any("vision_tower" in k or "multi_modal_projector" in k for k in keys)
+    assert "the language model (tower and projector frozen after Stage 0)" in card
     assert json.loads((out / "config.json").read_text()).get("_attn_implementation") in (None, "sdpa")
     assert summary["config_file"] == "train/configs/demo.yaml"
 

@@ -144,6 +144,7 @@ def test_stage0_reports_losses_and_a_held_out_check(stage0_run):
     assert all(np.isfinite(v) for v in report.last_losses.values())
     assert set(report.held_out) == {"images", "count_exact", "centre_error_patches", "colour_accuracy",
                                     "position_accuracy", "corner_error_grid", "word_match_accuracy",
+                                    "class_direction_cosine",
                                     "centre_box_acc50", "corner_box_acc50", "patch_only_acc50"}
     assert 0.0 <= report.held_out["position_accuracy"] <= 100.0 and report.held_out["corner_error_grid"] >= 0.0
     assert report.held_out["images"] == 2 and 0.0 <= report.held_out["count_exact"] <= 100.0
@@ -165,3 +166,15 @@ def test_centre_box_iou_by_hand():
     # the right size at the patch middle: the 2 x 1 box is found, the 0.4-patch one in the corner is not
     at_middle = centre_box_iou(truth, truth, torch.tensor([0.5, 0.5]))
     assert at_middle[0].item() == pytest.approx(1.0) and at_middle[1].item() == 0.0
+
+
+def test_cover_temperature_reads_the_cosine_not_the_length():
+    k, c = len(VOCAB.object_classes), len(VOCAB.colours)
+    names = torch.nn.functional.normalize(torch.randn(k + c, 64, generator=torch.Generator().manual_seed(3)), dim=-1)
+    heads = PatchHeads(64, VOCAB, 3, names, cover_temperature=10.0)
+    truck = VOCAB.object_classes.index("truck")
+    short, long = names[truck].view(1, 1, 64), 50 * names[truck].view(1, 1, 64)
+    assert torch.allclose(heads(short)["cover"], heads(long)["cover"], atol=1e-5)  # the length does not count
+    assert heads(short)["cover"][0, 0, truck].item() == pytest.approx(5.0, abs=1e-4)  # 10 x (cosine 1 - 0.5)
+    plain = PatchHeads(64, VOCAB, 3, names)
+    assert heads(long)["colour"].allclose(plain(long)["colour"])  # colours keep the projection

@@ -71,7 +71,8 @@ from train.stage1 import save_model_folder
 from train.stage2 import set_trainable
 from train.synthetic import generate_dataset
 from train.synthetic.dataset import write_image
-from train.vision_pretrain import PatchVocabulary, pretrain_vision
+from train.vision_pretrain import PatchVocabulary, pretrain_vision, word_directions
+from train.word_match import init_word_match_head, patch_directions
 
 __all__ = [
     "DemoModel",
@@ -182,6 +183,13 @@ class DemoTraining:
             training process; on a GPU the model is faster than one process can decode PNGs).
         box_attention: :mod:`train.box_attention` supervision in the dense and MoE stages
             (coef 0 = off).
+        word_match_scale: :mod:`train.word_match`: head 0 of decoder layer 0 starts out matching
+            class words to their patches, and Stage 0 aligns patches with the rotated class
+            directions that head's keys read; the value scales its query and key rows (0 = off).
+        language_trainable: what the dense stage and Stage II train (``train.stage2`` choices):
+            ``"all"``, or ``"llm"`` to keep the tower and projector as Stage 0 left them (as the
+            paper keeps CLIP frozen): what Stage 0 wrote into the tokens stays there, and a step
+            skips the tower's backward pass.
     """
 
     budget_minutes: float = 90.0
@@ -199,6 +207,8 @@ class DemoTraining:
     threads: int = 0
     loader_workers: int = 0
     box_attention: BoxAttentionSettings = field(default_factory=BoxAttentionSettings)
+    word_match_scale: float = 0.0
+    language_trainable: Literal["all", "llm"] = "all"
 
 
 @dataclass
@@ -594,6 +604,12 @@ def _summary_card(cfg: DemoConfig, summary: dict) -> str:
     box_line = (f"\n- Box-attention supervision (`train.box_attention`) in both stages: head {box.head} of decoder layer "
                 f"{box.layer} is pushed to look at the box's patches where a box is written, weight {box.coef:g}."
                 if box.coef > 0 else "")
+    word_match_line = (f"\n- Word-match head (`train.word_match`): head 0 of decoder layer 0 started out matching the "
+                       f"class words to their patches (query and key rows scaled {cfg.training.word_match_scale:g}); "
+                       "Stage 0 aligned each class's patches with that head's key direction for the class."
+                       if cfg.training.word_match_scale > 0 else "")
+    trained = ("all parameters" if cfg.training.language_trainable == "all"
+               else "the language model (tower and projector frozen after Stage 0)")
     phases = "\n".join(f"| {p['name']} | {p['conversations']} | {p['steps_done']} / {p['steps_planned']} | "
                        f"{p['seconds'] / 60:.1f} | {p['final_loss']:.3f} |" for p in summary["phases"])
     return f"""# SkyMoE demo checkpoint (synthetic domain only)
@@ -623,9 +639,9 @@ scenes (`train.synthetic`) and is **not** a remote-sensing model for real imager
   training image, {vision_line}.
 - Instruction samples from `train.instructions`, packed per image into one multi-turn conversation
   (turns per task {asdict(d.turns)}); loss on answer tokens only.
-- Stage "dense": all parameters, scenes of difficulty {d.dense_difficulty[0]}-{d.dense_difficulty[1]}, AdamW lr
-  {cfg.training.dense_lr:g}; Stage II: `skymoe.upcycle`, all parameters, all scenes, LM + alpha * aux, lr {cfg.training.moe_lr:g};
-  cosine schedules, global batch {cfg.training.global_batch}.{box_line}
+- Stage "dense": {trained}, scenes of difficulty {d.dense_difficulty[0]}-{d.dense_difficulty[1]}, AdamW lr
+  {cfg.training.dense_lr:g}; Stage II: `skymoe.upcycle`, {trained}, all scenes, LM + alpha * aux, lr {cfg.training.moe_lr:g};
+  cosine schedules, global batch {cfg.training.global_batch}.{box_line}{word_match_line}
 
 | phase | conversations | steps done / planned | minutes | last loss |
 |---|---|---|---|---|
@@ -654,6 +670,8 @@ def run_demo(cfg: DemoConfig, out_dir: Path, work_dir: Path, config_file: str | 
     val_records, _ = read_instruction_jsonl(val_path)
     tokenizer = skymoe.build_tokenizer(_conversation_texts(moe_jsonl), vocab_size=cfg.model.bpe_vocab)
     model, processor = build_demo_model(cfg.model, tokenizer, cfg.seed)
+    class_directions = (_init_word_match(model, tokenizer, cfg.training.word_match_scale, cfg.seed)
+                        if cfg.training.word_match_scale > 0 else None)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     run_dir = Path(tempfile.mkdtemp(prefix="runs-", dir=work_dir))  # never resume another run's checkpoints
     logger.info("data and tokenizer ready after %.1f min", (time.monotonic() - start) / 60)
@@ -663,14 +681,16 @@ def run_demo(cfg: DemoConfig, out_dir: Path, work_dir: Path, config_file: str | 
     if cfg.training.vision_share > 0:
         vision = pretrain_vision(model, processor, objects_jsonl, _patch_vocabulary(), left * cfg.training.vision_share,
                                  cfg.training.vision_lr, cfg.training.vision_batch, cfg.seed,
-                                 workers=cfg.training.loader_workers, box_weight=cfg.training.vision_box_weight)
+                                 workers=cfg.training.loader_workers, box_weight=cfg.training.vision_box_weight,
+                                 class_directions=class_directions)
     left = budget_s - (time.monotonic() - start) - reserve_s
+    set_trainable(model, cfg.training.language_trainable)
     dense = run_phase("dense", model, processor, dense_jsonl, val_records, cfg.training, cfg.training.dense_lr,
                       left * cfg.training.dense_share, run_dir, cfg.seed)
     # the dense stage's end point, kept for Stage II ablations (python -m train.ablation)
     save_model_folder(model, processor, run_dir / "dense-model", torch.float32)
     model = skymoe.upcycle(model, cfg.model.num_experts, None, num_experts_per_tok=cfg.model.top_k)
-    set_trainable(model, "all")
+    set_trainable(model, cfg.training.language_trainable)
     left = budget_s - (time.monotonic() - start) - reserve_s
     moe = run_phase("moe", model, processor, moe_jsonl, val_records, cfg.training, cfg.training.moe_lr,
                     left, run_dir, cfg.seed + 2)
@@ -690,6 +710,17 @@ def run_demo(cfg: DemoConfig, out_dir: Path, work_dir: Path, config_file: str | 
     (out_dir / "README.md").write_text(_summary_card(cfg, summary))
     logger.info("demo checkpoint written to %s after %.1f min", out_dir, summary["minutes"])
     return summary
+
+
+def _init_word_match(model, tokenizer, scale: float, seed: int) -> torch.Tensor:
+    """Start head 0 of decoder layer 0 as a class-word-to-patch matcher (:mod:`train.word_match`);
+    returns the patch directions Stage 0 must align the classes' patches with."""
+    vocab = _patch_vocabulary()
+    words = word_directions(tokenizer, model.get_input_embeddings().weight, vocab)[:len(vocab.object_classes)]
+    patches = patch_directions(words, seed)
+    dims = init_word_match_head(model, words, patches, layer=0, head=0, scale=scale)
+    logger.info("word-match head: layer 0, head 0, class channels on head dimensions %s, scale %g", dims, scale)
+    return patches
 
 
 def _cached_data(work_dir: Path, cfg: DemoConfig) -> tuple[Path, Path, Path, Path]:

@@ -162,6 +162,9 @@ def _flipped(objects: list[dict], width: int, height: int, horizontal: bool, ver
 
 
 GRID_VALUES = len(GRID_TOKENS)  # the answer grid <0>..<100>
+#: Cover logits per unit cosine when Stage 0 aligns patches by cosine (logit 10 (cos - 0.5): a
+#: covered patch needs a cosine near 0.8 for +3, an uncovered one 0.2 or less for -3).
+COVER_TEMPERATURE = 10.0
 
 
 class PatchHeads(nn.Module):
@@ -177,15 +180,25 @@ class PatchHeads(nn.Module):
     instead of one learned key per class. (Measured on CPU: the alignment holds, 86 % of held-out
     patches lie nearest their class's word, but the demo's scores did not improve; README, Known
     limits.)
+
+    With ``cover_temperature`` the cover logits are that fixed multiple of the token's *cosine*
+    with the class direction, offset by half of it: a patch must turn more than 60 degrees
+    towards a class to be called covered by it. A projection with a learned scale is satisfied
+    by a tiny cosine on a long token, and a learned offset by tokens that point away from every
+    class, the covered one least (held-out mean cosine -0.12 on CPU): the nearest direction right
+    but the token pointing almost anywhere. An attention head reading the normalised token
+    (:mod:`train.word_match`) needs the direction itself.
     """
 
-    def __init__(self, width: int, vocab: PatchVocabulary, side: int, names: torch.Tensor):
+    def __init__(self, width: int, vocab: PatchVocabulary, side: int, names: torch.Tensor,
+                 cover_temperature: float | None = None):
         """``names``: ``(K + C, width)`` unit word directions, object classes then colours (:func:`word_directions`)."""
         super().__init__()
         self.k, self.c = len(vocab.object_classes), len(vocab.colours)
         if names.shape != (self.k + self.c, width):
             raise ValueError(f"names must be ({self.k + self.c}, {width}) word directions, got {tuple(names.shape)}")
         self.register_buffer("names", names.detach().clone(), persistent=False)
+        self.cover_temperature = cover_temperature
         self.name_scale = nn.Parameter(torch.ones(self.k + self.c))
         self.name_bias = nn.Parameter(torch.zeros(self.k + self.c))
         self.sizes = {"centres": self.k, "box": 4, "row": side, "column": side, "corners": 4 * GRID_VALUES}
@@ -199,6 +212,9 @@ class PatchHeads(nn.Module):
         parts["corners"] = parts["corners"].unflatten(-1, (4, GRID_VALUES))
         named = (tokens @ self.names.to(tokens.dtype).T) * self.name_scale + self.name_bias
         parts["cover"], parts["colour"] = named.split([self.k, self.c], dim=-1)
+        if self.cover_temperature is not None:
+            cosine = F.normalize(tokens, dim=-1) @ self.names[:self.k].to(tokens.dtype).T
+            parts["cover"] = self.cover_temperature * (cosine - 0.5)
         return {**parts, "scene": self.scene(tokens.mean(dim=1))}
 
 
@@ -372,7 +388,8 @@ def _held_out_check(model, heads: PatchHeads, samples: _PatchSamples, indices: n
     in patches and colour accuracy at centre patches, patch row and column accuracy, and the
     corner heads' error in grid units (mean over patches a box overlaps and the 4 corners), and
     how often a patch at least half covered by one class lies nearer (cosine) that class's word
-    direction than any other class's, on images Stage 0 did not train on.
+    direction than any other class's and its mean cosine with that direction, on images Stage 0
+    did not train on.
 
     Grounding ceilings at the patches holding a box centre, as the share of boxes with IoU >= 0.5
     against the object's: the box head's box (offset and size) and the corner heads' box (what a
@@ -385,6 +402,7 @@ def _held_out_check(model, heads: PatchHeads, samples: _PatchSamples, indices: n
     position_hits = position_n = 0
     corner_err = []
     word_hits = word_n = 0
+    class_cosines = []
     box_ious, corner_ious, patch_only_ious = [], [], []
     device = next(model.parameters()).device
     keys = [[(int(i), False, False) for i in indices[start:start + 16]] for start in range(0, len(indices), 16)]
@@ -396,6 +414,8 @@ def _held_out_check(model, heads: PatchHeads, samples: _PatchSamples, indices: n
         cover, covered_class = targets["cover"].max(dim=-1)
         nearest_class = (tokens.float() @ heads.names[:heads.k].T).argmax(dim=-1)
         word_hits += int((nearest_class == covered_class)[cover >= 0.5].sum())
+        class_cosines.append((F.normalize(tokens.float(), dim=-1) @ heads.names[:heads.k].T)
+                             .gather(-1, covered_class.unsqueeze(-1)).squeeze(-1)[cover >= 0.5])
         word_n += int((cover >= 0.5).sum())
         predicted = out["centres"].float().exp().sum(dim=1).round()
         truth = targets["centres"].sum(dim=1)
@@ -425,6 +445,7 @@ def _held_out_check(model, heads: PatchHeads, samples: _PatchSamples, indices: n
             "position_accuracy": 100.0 * position_hits / max(1, position_n),
             "corner_error_grid": float(corner_err.mean()) if len(corner_err) else float("nan"),
             "word_match_accuracy": 100.0 * word_hits / max(1, word_n),
+            "class_direction_cosine": float(torch.cat(class_cosines).mean()) if class_cosines else float("nan"),
             "centre_box_acc50": _percent_iou50(box_ious), "corner_box_acc50": _percent_iou50(corner_ious),
             "patch_only_acc50": _percent_iou50(patch_only_ious)}
 
@@ -437,7 +458,8 @@ def _percent_iou50(ious: list[torch.Tensor]) -> float:
 
 def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabulary, seconds: float, lr: float,
                     batch_size: int, seed: int, held_out: int = 64, log_every: int = 25,
-                    workers: int = 0, box_weight: float = 1.0) -> VisionPretrainReport:
+                    workers: int = 0, box_weight: float = 1.0,
+                    class_directions: torch.Tensor | None = None) -> VisionPretrainReport:
     """Train the vision tower and projector of ``model`` in place with :class:`PatchHeads` for about ``seconds``.
 
     Trains on the model's device (bf16 autocast on CUDA). The step count is planned from a
@@ -459,6 +481,10 @@ def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabular
         log_every: log the loss terms every this many steps.
         workers: loader processes decoding images (0 = in this process).
         box_weight: weight of the box-head loss (:func:`head_losses`).
+        class_directions: ``(K, width)`` unit directions the class-cover head aligns each class's
+            patches with, instead of the class words' (:mod:`train.word_match`), through the
+            tokens' cosine (:class:`PatchHeads`, ``cover_temperature`` :data:`COVER_TEMPERATURE`);
+            colours keep their words' directions.
     """
     records = read_object_annotations(objects_jsonl)
     if len(records) <= held_out:
@@ -469,7 +495,10 @@ def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabular
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     names = word_directions(processor.tokenizer, model.get_input_embeddings().weight, vocab)
-    heads = PatchHeads(model.config.text_config.hidden_size, vocab, side, names).to(device)
+    if class_directions is not None:
+        names = torch.cat([class_directions.to(names), names[len(vocab.object_classes):]])
+    heads = PatchHeads(model.config.text_config.hidden_size, vocab, side, names,
+                       None if class_directions is None else COVER_TEMPERATURE).to(device)
     params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
     optimizer = torch.optim.AdamW([*params, *heads.parameters()], lr=lr, weight_decay=0.0)
     samples = _PatchSamples(records, processor.image_processor, side, vocab)
