@@ -25,9 +25,9 @@ dimensions, its value and output maps and every other weight keep their random
 initialisation, and all of it trains as usual.
 
 Measured on CPU (train/README.md, "Finding the named object"): the start does not survive the
-dense stage's AdamW steps (the rows end at -0.18 to 0.20 cosine with what was written) and the demo's
-scores do not change; the option stays off. :func:`class_word_attention` (``python -m
-train.word_match``) measures what any checkpoint's heads do from the class word.
+dense stage's AdamW steps (the rows end at -0.18 to 0.20 cosine with what was written) and
+the demo's scores do not change; the option stays off. :func:`class_word_attention`
+(``python -m train.word_match``) measures what any checkpoint's heads do from the class word.
 """
 
 from __future__ import annotations
