@@ -17,6 +17,8 @@ from train.word_match import (class_word_attention, init_word_match_head, main, 
                               rotary_channel_dims)
 
 WIDTH = 64
+TINY_MODEL = DemoModel(image_size=56, patch_size=28, vision_hidden=64, vision_layers=1, vision_heads=2,
+                       text_hidden=WIDTH, text_intermediate=128, text_layers=2, text_heads=2, bpe_vocab=300)
 
 
 def test_rotary_channel_dims_take_the_slowest_pairs_first():
@@ -39,9 +41,7 @@ def test_patch_directions_keep_the_geometry_and_leave_the_words():
 def model_and_words():
     texts = ["Where is the truck? Where is the tree? How many cars are there?"] * 20
     tokenizer = skymoe.build_tokenizer(texts, vocab_size=300)
-    model, _ = build_demo_model(DemoModel(image_size=56, patch_size=28, vision_hidden=64, vision_layers=1,
-                                          vision_heads=2, text_hidden=WIDTH, text_intermediate=128, text_layers=2,
-                                          text_heads=2, bpe_vocab=300), tokenizer, 0)
+    model, _ = build_demo_model(TINY_MODEL, tokenizer, 0)
     model.config.text_config._attn_implementation = "eager"  # attention weights out
     embeddings = model.get_input_embeddings().weight.detach()
     names = ["truck", "tree", "car"]
@@ -101,9 +101,7 @@ def checkpoint_and_benchmark(tmp_path_factory):
     bench = build_synthetic_benchmark(root / "bench", 15, seed=11, size_px=128)
     records, _ = read_instruction_jsonl(bench)
     tokenizer = skymoe.build_tokenizer([t for r in records for turn in r.turns for t in turn] * 5, vocab_size=300)
-    model, processor = build_demo_model(DemoModel(image_size=56, patch_size=28, vision_hidden=64, vision_layers=1,
-                                                  vision_heads=2, text_hidden=WIDTH, text_intermediate=128,
-                                                  text_layers=2, text_heads=2, bpe_vocab=300), tokenizer, 0)
+    model, processor = build_demo_model(TINY_MODEL, tokenizer, 0)
     save_model_folder(model, processor, root / "ckpt", torch.float32)
     return root / "ckpt", bench, records
 

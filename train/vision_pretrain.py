@@ -412,10 +412,9 @@ def _held_out_check(model, heads: PatchHeads, samples: _PatchSamples, indices: n
             tokens = _image_tokens(model, pixel_values.to(device))
             out = heads(tokens)
         cover, covered_class = targets["cover"].max(dim=-1)
-        nearest_class = (tokens.float() @ heads.names[:heads.k].T).argmax(dim=-1)
-        word_hits += int((nearest_class == covered_class)[cover >= 0.5].sum())
-        class_cosines.append((F.normalize(tokens.float(), dim=-1) @ heads.names[:heads.k].T)
-                             .gather(-1, covered_class.unsqueeze(-1)).squeeze(-1)[cover >= 0.5])
+        cosines = F.normalize(tokens.float(), dim=-1) @ heads.names[:heads.k].T
+        word_hits += int((cosines.argmax(dim=-1) == covered_class)[cover >= 0.5].sum())
+        class_cosines.append(cosines.gather(-1, covered_class.unsqueeze(-1)).squeeze(-1)[cover >= 0.5])
         word_n += int((cover >= 0.5).sum())
         predicted = out["centres"].float().exp().sum(dim=1).round()
         truth = targets["centres"].sum(dim=1)

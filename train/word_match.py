@@ -33,10 +33,11 @@ the demo's scores do not change; the option stays off. :func:`class_word_attenti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ from skymoe.parsing import parse_answer
 from train.box_attention import box_patch_mask
 from train.dataset import InstructionRecord, read_instruction_jsonl
 from train.instructions import box_norm100
+from train.synthetic.classes import OBJECT_CLASSES
 
 __all__ = ["patch_directions", "rotary_channel_dims", "init_word_match_head", "class_word_attention", "main"]
 
@@ -107,6 +109,17 @@ def init_word_match_head(model, word_dirs: torch.Tensor, patch_dirs: torch.Tenso
     return dims
 
 
+@contextlib.contextmanager
+def _eager_attention(model) -> Iterator[None]:
+    """Run ``model`` with the eager attention kernel (the fast kernels return no attention
+    weights), then give it back the kernel it had."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
 
 def class_word_attention(model, processor, records: Sequence[InstructionRecord], layers: Sequence[int],
                          class_names: Sequence[str]) -> dict[int, list[dict[str, float]]]:
@@ -126,7 +139,6 @@ def class_word_attention(model, processor, records: Sequence[InstructionRecord],
     mass: dict[tuple[int, int], list[float]] = defaultdict(list)
     ratio: dict[tuple[int, int], list[float]] = defaultdict(list)
     queries = 0
-    model.set_attn_implementation("eager")  # the fast kernels return no attention weights
     for record in records:
         if record.task != "ground" or len(record.turns) != 1:
             continue
@@ -146,7 +158,7 @@ def class_word_attention(model, processor, records: Sequence[InstructionRecord],
             target |= box_patch_mask(box_norm100(box.xyxy_px, *image.size), side)
         if not target.any():
             continue
-        with torch.no_grad():
+        with torch.no_grad(), _eager_attention(model):
             attentions = model(**batch.to(model.device), output_attentions=True).attentions
         image_positions = (ids == model.config.image_token_id).nonzero().flatten()
         share = float(target.float().mean())
@@ -173,8 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, nargs="+", default=[0], help="decoder layers (default: 0)")
     parser.add_argument("--out", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    from train.synthetic.classes import OBJECT_CLASSES
-
     try:
         model, processor = skymoe.load_model(args.model)
         records, _ = read_instruction_jsonl(args.data)
