@@ -26,7 +26,10 @@ initialisation, and all of it trains as usual.
 
 Measured on CPU (train/README.md, "Finding the named object"): the start does not survive the
 dense stage's AdamW steps (the rows end at -0.18 to 0.20 cosine with what was written) and
-the demo's scores do not change; the option stays off. :func:`class_word_attention`
+the demo's scores do not change; the option stays off. Fixed rows would not help either: written
+afresh on a Stage 0 tower the head gives the target 1.0x its share, since small objects' patches
+do not point along their class and system-line words match the patch directions by chance.
+:func:`class_word_attention`
 (``python -m train.word_match``) measures what any checkpoint's heads do from the class word.
 """
 
