@@ -74,6 +74,12 @@ class SkyMoEConfig(LlavaConfig):
             embeddings (one trained from scratch on position-free targets does) leaves the
             model unable to say where anything is. Needs the ``"default"`` feature strategy
             (no class token) and a text width that is a multiple of 4.
+        image_after_question: Where the first user turn puts the image. ``False`` (LLaVA and
+            GeoChat, the default): ``USER: <image>\n{question}``. ``True``:
+            ``USER: {question}\n<image>``, so that each image token, under the causal mask,
+            can read what is asked before the answer looks for it (train/README.md, the
+            question-first oracle). A property of how the checkpoint was trained: prompts
+            must be rendered the same way at inference.
     """
 
     model_type = "skymoe"
@@ -105,6 +111,7 @@ class SkyMoEConfig(LlavaConfig):
     router_mode: Literal["token", "task"] = "token"
     num_tasks: int = NUM_TASKS
     image_position_embedding: Literal["none", "2d"] = "none"
+    image_after_question: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

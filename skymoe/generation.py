@@ -165,7 +165,8 @@ def _generate_batch(
 ) -> list[Generation]:
     """One left-padded ``model.generate`` call and its per-row confidences."""
     tokenizer = processor.tokenizer
-    texts = [render_conversation([(prompt, None)]) for prompt in prompts]
+    texts = [render_conversation([(prompt, None)], image_after_question=model.config.image_after_question)
+             for prompt in prompts]
     inputs = processor(images=images, text=texts, padding=True, padding_side="left", return_tensors="pt").to(model.device)
     extra = {"task_ids": task_ids_for_prompts(prompts).to(model.device)} if model.config.router_mode == "task" else {}
     with inference_path(model, fast) as fast:

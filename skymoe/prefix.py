@@ -18,6 +18,12 @@ the positions and keys of its own unpadded prompt.
 
 With ``router_mode="task"`` the router adds a per-task bias to every token, image tokens
 included, so the prefix is encoded once per task (lazily, on the first question of that task).
+
+A model trained with the image after the question (``config.image_after_question``) shares only
+the system line and ``USER:`` between questions: the image tokens follow, and depend on, each
+question. Its prefix is that text; every question's prefill holds the question and the image
+tokens, and the vision tower runs again on each row's tile. Chat turns still reuse the KV of the
+conversation so far, image included.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -73,7 +80,8 @@ class TilePrefix:
         model: The SkyMoE.
         processor: Its processor.
         num_tiles: Tiles in the prefix.
-        prefix_ids: ``(prefix_len,)`` int64 token ids of the prefix (BOS, system, ``USER: ``, image tokens).
+        prefix_ids: ``(prefix_len,)`` int64 token ids of the prefix (BOS, system, ``USER: ``, image
+            tokens; without the image tokens for a model that puts the image after the question).
         fast: Fast or plain path (see :mod:`skymoe.generation`), ``None`` = the model's setting.
     """
 
@@ -100,6 +108,7 @@ class TilePrefix:
             raise ValueError("TilePrefix needs a non-empty list of tiles (PIL images or uint8 arrays)")
         self.model, self.processor, self.fast = model, processor, fast
         self.num_tiles = len(images)
+        self.image_after_question = bool(model.config.image_after_question)
         text = render_conversation([("", None)])  # system, "USER: <image>\n ASSISTANT:"
         inputs = processor(images=list(images), text=[text] * self.num_tiles, return_tensors="pt")
         ids = inputs["input_ids"][0]  # (len,)
@@ -107,7 +116,11 @@ class TilePrefix:
         if image_positions.numel() == 0:
             raise ValueError(f"the processor produced no image token (id {model.config.image_token_index})")
         self.num_image_tokens = int(image_positions.numel())
-        self.prefix_ids = ids[: int(image_positions[-1]) + 1].clone()  # up to the last image token
+        if self.image_after_question:  # the text up to "USER:" (every prompt is checked to start with it)
+            shared = text[: text.index(IMAGE_TOKEN)].rstrip()
+            self.prefix_ids = torch.tensor(processor.tokenizer(shared)["input_ids"], dtype=torch.long)
+        else:
+            self.prefix_ids = ids[: int(image_positions[-1]) + 1].clone()  # up to the last image token
         self._pixel_values = inputs["pixel_values"].to(model.device)
         self._moe_blocks = moe_blocks(model)  # walked once, not per question
         self._kv: dict[int, LayerKV] = {}  # task id (-1 = none) -> prefix KV of every tile
@@ -115,7 +128,7 @@ class TilePrefix:
 
     @property
     def prefix_length(self) -> int:
-        """Tokens in the prefix (BOS + system + ``USER: `` + image tokens)."""
+        """Tokens in the prefix (BOS + system + ``USER: `` + image tokens unless the question comes first)."""
         return int(self.prefix_ids.numel())
 
     def ask(
@@ -146,7 +159,8 @@ class TilePrefix:
         prompts, tile_of_row = self._rows(prompts)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        texts = [render_conversation([*history, (prompt, None)]) for prompt in prompts]
+        texts = [render_conversation([*history, (prompt, None)], image_after_question=self.image_after_question)
+                 for prompt in prompts]
         input_ids, attention_mask = self._row_inputs(texts)
         task_ids = task_ids_for_prompts(prompts)  # (rows,)
         return self._decode(input_ids, attention_mask, task_ids, tile_of_row, max_new_tokens, do_sample)
@@ -219,15 +233,18 @@ class TilePrefix:
         with inference_path(model, self.fast, self._moe_blocks):
             cache = self._turn_cache(input_ids, task_of_row, tile_of_row) or self._row_cache(task_of_row, tile_of_row)
             input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
+            # with the question first, the image tokens are in the text to prefill: the rows' tiles go with it
+            uncached = input_ids[:, cache.get_seq_length():]
+            pixels = self._pixel_values[tile_of_row] if bool((uncached == model.config.image_token_index).any()) else None
             if do_sample:
                 out = model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, cache=cache, **extra,
+                    input_ids=input_ids, attention_mask=attention_mask, cache=cache, pixel_values=pixels, **extra,
                     max_new_tokens=max_new_tokens, do_sample=True, pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id, output_logits=True, return_dict_in_generate=True,
                 )
                 new_tokens, logits = out.sequences[:, input_ids.shape[1] :], out.logits  # (rows, steps)
             else:
-                new_tokens, logits = self._greedy(input_ids, attention_mask, cache, extra, max_new_tokens)
+                new_tokens, logits = self._greedy(input_ids, attention_mask, cache, extra, max_new_tokens, pixels)
         if len(tile_of_row) == 1:  # a chat turn: keep its KV for the next turn on this tile
             length = cache.get_seq_length()
             ids = torch.cat([input_ids[0], new_tokens[0]])[:length].cpu()
@@ -236,9 +253,11 @@ class TilePrefix:
         return generations_from_scores(tokenizer, new_tokens, logits)
 
     def _greedy(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache, extra: dict,
-                max_new_tokens: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                max_new_tokens: int, pixel_values: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Greedy decoding on the language model and LM head directly (what transformers' greedy ``generate``
         computes, without its per-call and per-step overhead): feeds the uncached tokens, then one token per step.
+        ``pixel_values`` ``(rows, 3, H, W)``: each row's tile, where the uncached tokens hold its image
+        tokens (the first prefill goes through the vision tower and projector then); else ``None``.
 
         Returns:
             ``(rows, steps)`` generated ids (pad after a row's EOS, as ``generate``) and the raw
@@ -253,8 +272,9 @@ class TilePrefix:
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         tokens, logits = [], []
         for step in range(max_new_tokens):
-            hidden = text_model(input_ids=feed, attention_mask=mask, position_ids=positions, cache=cache,
-                                use_cache=True, **extra).last_hidden_state[:, -1]  # (rows, D)
+            decoder = text_model if step or pixel_values is None else partial(model.model, pixel_values=pixel_values)
+            hidden = decoder(input_ids=feed, attention_mask=mask, position_ids=positions, cache=cache,
+                             use_cache=True, **extra).last_hidden_state[:, -1]  # (rows, D)
             step_logits = model.lm_head(hidden)  # (rows, vocab)
             chosen = torch.where(finished, pad, step_logits.argmax(-1))  # (rows,)
             tokens.append(chosen)
@@ -303,7 +323,8 @@ class TilePrefix:
             if model.config.router_mode == "task":
                 extra["task_ids"] = torch.full((self.num_tiles,), task, dtype=torch.long, device=model.device)
             cache = DynamicCache()
-            model(input_ids=ids, pixel_values=self._pixel_values, attention_mask=torch.ones_like(ids),
+            pixels = None if self.image_after_question else self._pixel_values  # the prefix holds no image then
+            model(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
                   cache=cache, use_cache=True, logits_to_keep=1, **extra)
             self._kv[task] = tuple((layer.keys, layer.values) for layer in cache.layers)
             logger.debug("encoded the image prefix of %d tiles (%d tokens, task %d)", self.num_tiles,

@@ -25,7 +25,7 @@ from transformers import LlavaProcessor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from .configuration import SkyMoEConfig
-from .prompts import VICUNA_CHAT_TEMPLATE
+from .prompts import VICUNA_CHAT_TEMPLATE, chat_template
 
 __all__ = ["SkyMoEProcessor", "to_rgb_image"]
 
@@ -118,7 +118,8 @@ class SkyMoEProcessor(LlavaProcessor):
         """Build the processor matching ``config``'s vision tower around ``tokenizer``.
 
         Args:
-            config: The model config (image size, patch size, feature strategy).
+            config: The model config (image size, patch size, feature strategy, where the image goes
+                in the chat template).
             tokenizer: A tokenizer that knows ``<image>``.
 
         Returns:
@@ -136,6 +137,7 @@ class SkyMoEProcessor(LlavaProcessor):
             patch_size=config.vision_config.patch_size,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
             num_additional_image_tokens=1,
+            chat_template=chat_template(config.image_after_question),
         )
 
     def __call__(self, images=None, text=None, **kwargs):

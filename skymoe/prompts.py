@@ -34,6 +34,7 @@ __all__ = [
     "TASK_IDS",
     "VICUNA_SYSTEM",
     "VICUNA_CHAT_TEMPLATE",
+    "chat_template",
     "IMAGE_TOKEN",
     "build_prompt",
     "render_conversation",
@@ -250,6 +251,7 @@ def render_conversation(
     add_generation_prompt: bool = True,
     *,
     system: str = VICUNA_SYSTEM,
+    image_after_question: bool = False,
 ) -> str:
     """Render turns as LLaVA-1.5's Vicuna-v1 text.
 
@@ -264,10 +266,15 @@ def render_conversation(
     text unless that text already contains ``<image>`` (so JSONL human values, which carry
     it, render the same). :data:`VICUNA_CHAT_TEMPLATE` renders identical text.
 
+    With ``image_after_question`` (a checkpoint's ``config.image_after_question``) the first
+    user turn is ``"USER: " + q1 + "\\n<image> "`` instead: the ``<image>`` line a JSONL
+    human value carries is moved after the question.
+
     Args:
         turns: ``(user_text, assistant_text_or_None)`` pairs; only the last answer may be None.
         add_generation_prompt: end with ``"ASSISTANT:"`` when the last answer is None.
         system: the system line.
+        image_after_question: put the image after the first question, not before it.
 
     Returns:
         The prompt text (tokenize it with the BOS token added, as LLaVA does).
@@ -283,8 +290,8 @@ def render_conversation(
             raise ValueError(f"turn {index}: user text must be a string, got {type(user).__name__}")
         if assistant is None and index != len(turns) - 1:
             raise ValueError(f"turn {index}: only the last turn may lack an answer ({len(turns)} turns)")
-        if index == 0 and IMAGE_TOKEN not in user:
-            user = f"{IMAGE_TOKEN}\n{user}"
+        if index == 0:
+            user = _place_image(user, image_after_question)
         parts.append(f"USER: {user} ")
         if assistant is not None:
             parts.append(f"ASSISTANT: {assistant}</s>")
@@ -293,48 +300,72 @@ def render_conversation(
     return "".join(parts)
 
 
+def _place_image(user: str, after_question: bool) -> str:
+    """The first user text with its one ``<image>`` line before the question, or after it."""
+    if not after_question:
+        return user if IMAGE_TOKEN in user else f"{IMAGE_TOKEN}\n{user}"
+    question = user.replace(f"{IMAGE_TOKEN}\n", "", 1).replace(IMAGE_TOKEN, "", 1)
+    return f"{question.strip()}\n{IMAGE_TOKEN}"
+
+
 # Jinja for tokenizer/processor ``apply_chat_template``: the same text as
 # render_conversation for messages [{"role": "system"|"user"|"assistant", "content": ...}].
 # ``content`` is a string, or a list of {"type": "image"} / {"type": "text", "text": ...}
 # items (processor style), where each image item writes "<image>\n" in place.
 # Whitespace control ({%- -%}) makes it render the same with or without trim_blocks.
-VICUNA_CHAT_TEMPLATE = (
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- set system = messages[0]['content'] -%}{%- set messages = messages[1:] -%}"
-    "{%- else -%}"
-    "{%- set system = '" + VICUNA_SYSTEM.replace("'", "\\'") + "' -%}"
-    "{%- endif -%}"
-    "{{- system + ' ' -}}"
-    "{%- set ns = namespace(first_user=true) -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}"
-    "{%- set content = message['content'] -%}"
-    "{%- else -%}"
-    "{%- set content = namespace(text='') -%}"
-    "{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}{%- set content.text = content.text + '<image>\\n' -%}"
-    "{%- elif item['type'] == 'text' -%}{%- set content.text = content.text + item['text'] -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- set content = content.text -%}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}"
+_FIRST_USER_IMAGE_BEFORE = (
     "{%- if ns.first_user and '<image>' not in content -%}"
     "{%- set content = '<image>\\n' + content -%}"
     "{%- endif -%}"
-    "{%- set ns.first_user = false -%}"
-    "{{- 'USER: ' + content + ' ' -}}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{{- 'ASSISTANT: ' + content + '</s>' -}}"
-    "{%- else -%}"
-    "{{- raise_exception('unsupported role ' + message['role'] + '; use system, user or assistant') -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt and messages and messages[-1]['role'] == 'user' -%}"
-    "{{- 'ASSISTANT:' -}}"
+)
+_FIRST_USER_IMAGE_AFTER = (
+    "{%- if ns.first_user -%}"
+    "{%- set content = (content.replace('<image>\\n', '', 1).replace('<image>', '', 1) | trim) + '\\n<image>' -%}"
     "{%- endif -%}"
 )
-"""Jinja chat template rendering exactly :func:`render_conversation`'s text."""
+
+
+def chat_template(image_after_question: bool = False) -> str:
+    """The Jinja chat template rendering exactly :func:`render_conversation`'s text in a layout."""
+    first_user = _FIRST_USER_IMAGE_AFTER if image_after_question else _FIRST_USER_IMAGE_BEFORE
+    return (
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set system = messages[0]['content'] -%}{%- set messages = messages[1:] -%}"
+        "{%- else -%}"
+        "{%- set system = '" + VICUNA_SYSTEM.replace("'", "\\'") + "' -%}"
+        "{%- endif -%}"
+        "{{- system + ' ' -}}"
+        "{%- set ns = namespace(first_user=true) -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}"
+        "{%- set content = message['content'] -%}"
+        "{%- else -%}"
+        "{%- set content = namespace(text='') -%}"
+        "{%- for item in message['content'] -%}"
+        "{%- if item['type'] == 'image' -%}{%- set content.text = content.text + '<image>\\n' -%}"
+        "{%- elif item['type'] == 'text' -%}{%- set content.text = content.text + item['text'] -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set content = content.text -%}"
+        "{%- endif -%}"
+        "{%- if message['role'] == 'user' -%}"
+        + first_user +
+        "{%- set ns.first_user = false -%}"
+        "{{- 'USER: ' + content + ' ' -}}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{- 'ASSISTANT: ' + content + '</s>' -}}"
+        "{%- else -%}"
+        "{{- raise_exception('unsupported role ' + message['role'] + '; use system, user or assistant') -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt and messages and messages[-1]['role'] == 'user' -%}"
+        "{{- 'ASSISTANT:' -}}"
+        "{%- endif -%}"
+    )
+
+
+VICUNA_CHAT_TEMPLATE = chat_template()
+"""Jinja chat template rendering exactly :func:`render_conversation`'s text (image first)."""
 
 
 def _grid_value(value: float, what: str) -> int:

@@ -40,6 +40,12 @@ def task_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def question_first_model(tmp_path_factory):
+    return load_model(_checkpoint(tmp_path_factory, "question_first", image_after_question=True), quant="none",
+                      device="cpu")
+
+
+@pytest.fixture(scope="module")
 def images():
     rng = np.random.default_rng(0)
     return [rng.integers(0, 256, (56, 56, 3), dtype=np.uint8) for _ in PROMPTS]
@@ -299,6 +305,51 @@ def test_second_question_runs_no_vision_and_prefills_only_the_new_text(token_mod
     common = int(next((i for i in range(span) if cached[i] != turn_two[i]), span))
     assert common >= len(turn_one)  # the whole first prompt (and what matches of its answer) is reused
     assert vision_calls == [] and prefill_lengths == [len(turn_two) - common]
+
+
+def _reference(model, processor, image, turns, max_new_tokens=6):
+    """Greedy answer of transformers' own ``generate`` on the conversation as the model's layout renders it."""
+    text = render_conversation(turns, image_after_question=model.config.image_after_question)
+    inputs = processor(images=[image], text=[text], return_tensors="pt")
+    with torch.no_grad(), moe_implementation(model, "loop"):
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=processor.tokenizer.pad_token_id)
+    return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_question_first_model_is_asked_with_the_image_after_the_question(question_first_model, images):
+    model, processor = question_first_model
+    fresh = generate(model, processor, images, PROMPTS, max_new_tokens=6, fast=False)
+    assert _texts(fresh) == [_reference(model, processor, im, [(p, None)]) for im, p in zip(images, PROMPTS)]
+    # the image is read after the question: the same weights asked image-first answer otherwise
+    model.config.image_after_question = False
+    try:
+        image_first = generate(model, processor, images, PROMPTS, max_new_tokens=6, fast=False)
+    finally:
+        model.config.image_after_question = True
+    assert _texts(image_first) != _texts(fresh)
+
+
+def test_question_first_prefix_answers_and_chats_like_fresh_generate(question_first_model, images):
+    model, processor = question_first_model
+    fresh = generate(model, processor, images, PROMPTS, max_new_tokens=6, fast=False)
+    prefix = TilePrefix(model, processor, images)
+    assert not (prefix.prefix_ids == model.config.image_token_index).any()  # only the system line is shared
+    assert _texts(prefix.ask(PROMPTS, max_new_tokens=6)) == _texts(fresh)
+    one_tile = TilePrefix(model, processor, images[:1])
+    want = generate(model, processor, [images[0]] * 3, PROMPTS, max_new_tokens=6, fast=False)
+    assert _texts(one_tile.ask(PROMPTS, max_new_tokens=6)) == _texts(want)
+    first = one_tile.ask(PROMPTS[2], max_new_tokens=6)[0]
+    history = [(PROMPTS[2], first.text)]
+    second = one_tile.ask(PROMPTS[0], history=history, max_new_tokens=6)[0]  # reuses the first turn's KV
+    assert second.text == _reference(model, processor, images[0], [*history, (PROMPTS[0], None)])
+    vision_calls = []
+    hook = model.model.vision_tower.register_forward_hook(lambda *a: vision_calls.append(1))
+    try:
+        sampled = TilePrefix(model, processor, images[:1]).ask(PROMPTS[1], max_new_tokens=4, do_sample=True)[0]
+    finally:
+        hook.remove()
+    assert vision_calls == [1] and np.isfinite(sampled.mean_logprob)  # sampling reads the tile too
 
 
 def test_task_router_encodes_the_prefix_per_task(task_model, images):

@@ -12,6 +12,7 @@ from skymoe.prompts import (
     TASK_IDS,
     TASKS,
     VICUNA_CHAT_TEMPLATE,
+    chat_template,
     VICUNA_SYSTEM,
     build_prompt,
     code_of_task,
@@ -140,13 +141,25 @@ def test_render_conversation_exact_text() -> None:
     assert render_conversation([("<image>\nq1", None)]) == render_conversation([("q1", None)])
 
 
+def test_image_after_question_moves_only_the_first_turns_image() -> None:
+    two = render_conversation([("q1", "a1"), ("q2", None)], image_after_question=True)
+    assert two == SYSTEM_LINE + " USER: q1\n<image> ASSISTANT: a1</s>USER: q2 ASSISTANT:"
+    # A JSONL human value's image line moves after the question; no second image appears.
+    for jsonl_value in ("<image>\nq1", "q1<image>", "<image>q1"):
+        assert render_conversation([(jsonl_value, None)], image_after_question=True) == (
+            SYSTEM_LINE + " USER: q1\n<image> ASSISTANT:")
+
+
+@pytest.mark.parametrize("image_after_question", [False, True])
 @pytest.mark.parametrize("turns", [[("q1", "a1")], [("q1", "a1"), ("q2", "a2"), ("q3", "a3")]])
-def test_generation_prompt_is_a_prefix_of_the_answered_text(turns: list[tuple[str, str]]) -> None:
+def test_generation_prompt_is_a_prefix_of_the_answered_text(turns: list[tuple[str, str]],
+                                                            image_after_question: bool) -> None:
     """Training masks labels by this: the prompt up to "ASSISTANT:" is a prefix of the full text."""
-    full = render_conversation(turns, add_generation_prompt=False)
+    layout = {"image_after_question": image_after_question}
+    full = render_conversation(turns, add_generation_prompt=False, **layout)
     for i, (user, answer) in enumerate(turns):
-        head = render_conversation([*turns[:i], (user, None)])
-        upto = render_conversation(turns[: i + 1], add_generation_prompt=False)
+        head = render_conversation([*turns[:i], (user, None)], **layout)
+        upto = render_conversation(turns[: i + 1], add_generation_prompt=False, **layout)
         assert full.startswith(upto) and upto.startswith(head)
         assert upto[len(head) :] == f" {answer}</s>"
 
@@ -193,12 +206,15 @@ def _environments() -> list[jinja2.Environment]:
     return [jinja2.Environment(), hf_like]
 
 
+@pytest.mark.parametrize("image_after_question", [False, True])
 @pytest.mark.parametrize("turns", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_chat_template_equals_render_conversation(turns: list, add_generation_prompt: bool) -> None:
-    expected = render_conversation(turns, add_generation_prompt)
+def test_chat_template_equals_render_conversation(turns: list, add_generation_prompt: bool,
+                                                  image_after_question: bool) -> None:
+    expected = render_conversation(turns, add_generation_prompt, image_after_question=image_after_question)
+    assert chat_template() == VICUNA_CHAT_TEMPLATE
     for env in _environments():
-        template = env.from_string(VICUNA_CHAT_TEMPLATE)
+        template = env.from_string(chat_template(image_after_question))
         for typed in (False, True):
             messages = _messages(turns, typed=typed)
             text = template.render(messages=messages, add_generation_prompt=add_generation_prompt)

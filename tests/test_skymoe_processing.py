@@ -82,6 +82,17 @@ def test_tokenizer_has_single_token_grid_coordinates_and_specials(tokenizer):
     assert tokenizer.decode(ids, skip_special_tokens=True) == "[refer] Where is <p>the car</p>?"
 
 
+def test_a_question_first_checkpoint_saves_and_loads_its_layout(tmp_path):
+    folder = make_tiny_checkpoint(tmp_path / "question_first", image_after_question=True)
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    assert model.config.image_after_question and processor.chat_template == skymoe.chat_template(True)
+    messages = [{"role": "user", "content": "[count] How many cars?"}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert text.endswith("USER: [count] How many cars?\n<image> ASSISTANT:")
+    assert text == render_conversation([("[count] How many cars?", None)], image_after_question=True)
+
+
 def test_tiny_checkpoint_is_fast_safetensors_only_and_loads(tmp_path):
     start = time.perf_counter()
     folder = make_tiny_checkpoint(tmp_path / "tiny", seed=3)

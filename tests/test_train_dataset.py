@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import skymoe
@@ -66,6 +67,24 @@ def test_labels_cover_only_the_answers_and_their_eos(tmp_path, processor):
     assert "Where is" in prompt_text and "How many ship" in prompt_text and "ASSISTANT:" in prompt_text
     assert int(sample["task_ids"]) == skymoe.TASK_IDS.index("ground")
     assert sample["pixel_values"].shape == (3, 56, 56)
+
+
+def test_image_after_question_puts_the_image_tokens_after_the_first_question(tmp_path, processor):
+    _images(tmp_path, 1)
+    q1 = skymoe.build_prompt("ground", "the red car")
+    convs = [{"from": "human", "value": "<image>\n" + q1}, {"from": "gpt", "value": "{<10><20><30><40>|<0>}"},
+             {"from": "human", "value": "[count] How many ship are there?"}, {"from": "gpt", "value": "7"}]
+    (tmp_path / "d.jsonl").write_text(_line(0, "VG", convs) + "\n")
+    records, _ = read_instruction_jsonl(tmp_path / "d.jsonl")
+    dataset = InstructionDataset(records, processor, 512, image_after_question=True)
+    sample, tok = dataset[0], processor.tokenizer
+    ids, labels = sample["input_ids"], sample["labels"]
+    assert _labelled(sample, tok).replace(" ", "") == "{<10><20><30><40>|<0>}</s>7</s>"
+    at = torch.nonzero(ids == tok.convert_tokens_to_ids("<image>")).flatten()
+    assert at.numel() == 16 and int(at[-1] - at[0]) == 15  # one run of image tokens
+    before, after = tok.decode(ids[: int(at[0])].tolist()), tok.decode(ids[int(at[-1]) + 1 :].tolist())
+    assert "Where is" in before and "ASSISTANT:" not in before
+    assert after.lstrip().startswith("ASSISTANT:") and "How many ship" in after
 
 
 def test_broken_lines_are_reported_with_line_numbers_and_skipped(tmp_path, processor, caplog):

@@ -135,3 +135,9 @@ def test_class_word_attention_cli_prints_a_table_and_names_bad_input(checkpoint_
     assert main(["--model", str(ckpt), "--data", str(no_grounding)]) == 2
     assert "holds no single-turn grounding question" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "missing"), "--data", str(bench)]) == 2
+    model, processor = skymoe.load_model(ckpt, quant="none")
+    model.config.image_after_question = True  # no question word precedes the image: nothing to probe
+    save_model_folder(model, processor, tmp_path / "question_first", torch.float32)
+    capsys.readouterr()
+    assert main(["--model", str(tmp_path / "question_first"), "--data", str(bench)]) == 2
+    assert "reads the image after the question" in capsys.readouterr().err

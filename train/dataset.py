@@ -169,19 +169,22 @@ def _parse_turns(conversations: object) -> tuple[tuple[str, str], ...]:
     return tuple(turns)
 
 
-def answer_char_spans(turns: Sequence[tuple[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+def answer_char_spans(turns: Sequence[tuple[str, str]],
+                      image_after_question: bool = False) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character span of each answer in it.
 
     Each span runs from just after ``"ASSISTANT:"`` to the end of the answer's ``</s>``.
+    ``image_after_question``: the model's layout (:func:`skymoe.render_conversation`).
 
     Returns:
         ``(text, [(start, end), ...])`` with half-open character offsets into ``text``.
     """
-    text = render_conversation(list(turns), add_generation_prompt=False)
+    layout = {"image_after_question": image_after_question}
+    text = render_conversation(list(turns), add_generation_prompt=False, **layout)
     spans = []
     for i, (user, _) in enumerate(turns):
-        prefix = render_conversation([*turns[:i], (user, None)], add_generation_prompt=True)
-        upto = render_conversation(list(turns[: i + 1]), add_generation_prompt=False)
+        prefix = render_conversation([*turns[:i], (user, None)], add_generation_prompt=True, **layout)
+        upto = render_conversation(list(turns[: i + 1]), add_generation_prompt=False, **layout)
         if not (upto.startswith(prefix) and text.startswith(upto)):
             raise DataError("render_conversation is not prefix-stable; cannot locate the answer tokens")
         spans.append((len(prefix), len(upto)))
@@ -220,8 +223,9 @@ def _expand_image_labels(ids: list[int], labels: list[int], full_ids: list[int],
     return out
 
 
-def encode_sample(record: InstructionRecord, processor, max_length: int) -> dict[str, torch.Tensor]:
-    """Tokenise one record with its image.
+def encode_sample(record: InstructionRecord, processor, max_length: int,
+                  image_after_question: bool = False) -> dict[str, torch.Tensor]:
+    """Tokenise one record with its image, rendered in the model's layout (``image_after_question``).
 
     Returns:
         ``input_ids (seq,)``, ``attention_mask (seq,)``, ``labels (seq,)`` (-100 except
@@ -231,7 +235,7 @@ def encode_sample(record: InstructionRecord, processor, max_length: int) -> dict
     Raises:
         DataError: the image cannot be read, or the image tokens do not fit in ``max_length``.
     """
-    text, spans = answer_char_spans(record.turns)
+    text, spans = answer_char_spans(record.turns, image_after_question)
     try:
         with Image.open(record.image_path) as img:
             image = img.convert("RGB")
@@ -258,24 +262,30 @@ def encode_sample(record: InstructionRecord, processor, max_length: int) -> dict
 
 
 class InstructionDataset(torch.utils.data.Dataset):
-    """Records of an instruction JSONL, tokenised lazily (one sample per index)."""
+    """Records of an instruction JSONL, tokenised lazily (one sample per index).
 
-    def __init__(self, records: Sequence[InstructionRecord], processor, max_length: int = 2048) -> None:
+    ``image_after_question`` is the layout of the model being trained (its config's field).
+    """
+
+    def __init__(self, records: Sequence[InstructionRecord], processor, max_length: int = 2048,
+                 image_after_question: bool = False) -> None:
         self.records = list(records)
         self.processor = processor
         self.max_length = max_length
+        self.image_after_question = image_after_question
 
     @classmethod
-    def from_jsonl(cls, path: str | Path, processor, max_length: int = 2048) -> InstructionDataset:
+    def from_jsonl(cls, path: str | Path, processor, max_length: int = 2048,
+                   image_after_question: bool = False) -> InstructionDataset:
         """Read ``path`` (broken lines skipped and logged) into a dataset."""
         records, _ = read_instruction_jsonl(path)
-        return cls(records, processor, max_length)
+        return cls(records, processor, max_length, image_after_question)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return encode_sample(self.records[index], self.processor, self.max_length)
+        return encode_sample(self.records[index], self.processor, self.max_length, self.image_after_question)
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,8 @@ class DemoModel:
         num_experts / top_k / aux_loss_coef: Stage II MoE (every second layer, odd indices).
         image_position_embedding: ``"none"`` or ``"2d"``: 2-D patch position embeddings added
             to the projected image tokens (``skymoe.SkyMoEConfig``).
+        image_after_question: the first user turn puts the image after the question
+            (``skymoe.SkyMoEConfig``), so the image tokens can see what is asked.
     """
 
     image_size: int = 504
@@ -126,6 +128,7 @@ class DemoModel:
     top_k: int = 2
     aux_loss_coef: float = 0.01
     image_position_embedding: Literal["none", "2d"] = "none"
+    image_after_question: bool = False
 
 
 @dataclass
@@ -386,6 +389,7 @@ def demo_model_config(cfg: DemoModel, tokenizer) -> skymoe.SkyMoEConfig:
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,  # a 4-layer tower has no spare layer to skip
         router_aux_loss_coef=cfg.aux_loss_coef, image_position_embedding=cfg.image_position_embedding,
+        image_after_question=cfg.image_after_question,
     )
 
 
@@ -438,7 +442,8 @@ def build_demo_model(cfg: DemoModel, tokenizer, seed: int) -> tuple[skymoe.SkyMo
 @torch.no_grad()
 def _greedy(model, processor, images: list[Image.Image], prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy answers through transformers' ``generate`` (left padding, KV cache)."""
-    texts = [render_conversation([(p, None)]) for p in prompts]
+    texts = [render_conversation([(p, None)], image_after_question=model.config.image_after_question)
+             for p in prompts]
     batch = processor(images=images, text=texts, padding=True, return_tensors="pt").to(model.device)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=processor.tokenizer.pad_token_id)
@@ -548,7 +553,7 @@ def run_phase(name: str, model, processor, train_jsonl: Path, val_records, tcfg:
         seed: loop seed (data order).
     """
     records, _ = read_instruction_jsonl(train_jsonl)
-    dataset = InstructionDataset(records, processor, tcfg.max_length)
+    dataset = InstructionDataset(records, processor, tcfg.max_length, model.config.image_after_question)
     collator = PaddingCollator(processor.tokenizer.pad_token_id)
     box_attention = (BoxAttentionLoss(model, processor.tokenizer, tcfg.box_attention)
                      if tcfg.box_attention.coef > 0 else None)

@@ -190,11 +190,6 @@ def answer_objects(image: dict, answers: Sequence[str]) -> dict:
     return {**image, "objects": named}
 
 
-def _image_after_question(user: str) -> str:
-    """A first user message with its ``<image>`` line moved after the question."""
-    return user.replace("<image>\n", "").replace("<image>", "") + "\n<image>"
-
-
 def _expand_image(values: list[int], at: int, n_image_tokens: int, fill: int) -> list[int]:
     """``values`` with its entry at ``at`` (the ``<image>`` token) replaced by ``n_image_tokens`` copies of ``fill``."""
     return values[:at] + [fill] * n_image_tokens + values[at + 1:]
@@ -203,9 +198,7 @@ def _expand_image(values: list[int], at: int, n_image_tokens: int, fill: int) ->
 def encode_turns(tokenizer, turns: Sequence[tuple[str, str]], n_image_tokens: int,
                  question_first: bool = False) -> tuple[list[int], list[int]]:
     """Token ids and labels (answer tokens only) with ``<image>`` expanded to ``n_image_tokens``."""
-    if question_first:
-        turns = [(_image_after_question(turns[0][0]), turns[0][1]), *turns[1:]]
-    ids, labels = answer_token_labels(tokenizer, *answer_char_spans(turns))
+    ids, labels = answer_token_labels(tokenizer, *answer_char_spans(turns, question_first))
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     at = ids.index(image_id)
     return _expand_image(ids, at, n_image_tokens, image_id), _expand_image(labels, at, n_image_tokens, IGNORE_INDEX)
@@ -238,8 +231,7 @@ def _greedy(model, tokenizer, prompts: list[str], image_tokens: list[torch.Tenso
     pad, image_id = tokenizer.pad_token_id, model.config.image_token_id
     rows = []
     for prompt, tokens in zip(prompts, image_tokens):
-        user = _image_after_question(prompt) if question_first else "<image>\n" + prompt
-        ids = tokenizer(render_conversation([(user, None)]))["input_ids"]
+        ids = tokenizer(render_conversation([(prompt, None)], image_after_question=question_first))["input_ids"]
         rows.append(_expand_image(ids, ids.index(image_id), len(tokens), image_id))
     length = max(map(len, rows))
     input_ids = torch.tensor([[pad] * (length - len(row)) + row for row in rows], device=model.device)

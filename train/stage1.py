@@ -79,7 +79,8 @@ def build_stage1_model(cfg: Stage1Config) -> tuple[torch.nn.Module, Any, torch.d
 
 def run_training(model: torch.nn.Module, processor, cfg, stop_after: int | None = None) -> TrainResult:
     """Train ``model`` on ``cfg.data`` with ``cfg.loop`` / ``cfg.optim`` (shared by both stages)."""
-    dataset = InstructionDataset.from_jsonl(cfg.data.train_jsonl, processor, cfg.data.max_length)
+    dataset = InstructionDataset.from_jsonl(cfg.data.train_jsonl, processor, cfg.data.max_length,
+                                            model.config.image_after_question)
     pad_id = processor.tokenizer.pad_token_id
     collator = PaddingCollator(pad_id if pad_id is not None else processor.tokenizer.eos_token_id)
     return train(model, dataset, collator, cfg.loop, cfg.optim, run_config=config_to_dict(cfg),

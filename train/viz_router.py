@@ -108,7 +108,7 @@ def _routing_of(model, processor, record) -> tuple[np.ndarray, np.ndarray]:
 
     with Image.open(record.image_path) as img:
         image = img.convert("RGB")
-    text = render_conversation([(record.prompt, None)])
+    text = render_conversation([(record.prompt, None)], image_after_question=model.config.image_after_question)
     inputs = processor(images=image, text=text, return_tensors="pt")
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}  # CLIP casts pixel_values to its own dtype

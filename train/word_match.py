@@ -194,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     except (skymoe.CheckpointError, OSError, ValueError) as exc:  # DataError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if model.config.image_after_question:
+        print(f"error: {args.model} reads the image after the question, so no question word can attend to a "
+              "patch; this probe measures models that read the image first", file=sys.stderr)
+        return 2
     bad = [layer for layer in args.layers if not 0 <= layer < model.config.text_config.num_hidden_layers]
     if bad:
         print(f"error: --layers {bad}: the model has {model.config.text_config.num_hidden_layers} decoder layers",
