@@ -108,7 +108,6 @@ class TilePrefix:
             raise ValueError("TilePrefix needs a non-empty list of tiles (PIL images or uint8 arrays)")
         self.model, self.processor, self.fast = model, processor, fast
         self.num_tiles = len(images)
-        self.image_after_question = bool(model.config.image_after_question)
         text = render_conversation([("", None)])  # system, "USER: <image>\n ASSISTANT:"
         inputs = processor(images=list(images), text=[text] * self.num_tiles, return_tensors="pt")
         ids = inputs["input_ids"][0]  # (len,)
@@ -125,6 +124,11 @@ class TilePrefix:
         self._moe_blocks = moe_blocks(model)  # walked once, not per question
         self._kv: dict[int, LayerKV] = {}  # task id (-1 = none) -> prefix KV of every tile
         self._last_turn: _Turn | None = None  # KV of the last one-row ask (prefix + text + answer)
+
+    @property
+    def image_after_question(self) -> bool:
+        """The model reads the image after the question (its config), so the prefix holds no image."""
+        return bool(self.model.config.image_after_question)
 
     @property
     def prefix_length(self) -> int:
@@ -318,15 +322,18 @@ class TilePrefix:
         """The prefix KV of every tile under ``task`` (-1 = no task bias), computed once."""
         if task not in self._kv:
             model = self.model
-            ids = self.prefix_ids.unsqueeze(0).expand(self.num_tiles, -1).to(model.device)  # (tiles, prefix_len)
+            # with the question first the prefix holds no image, so it is the same for every tile: encode one row
+            rows, pixels = (1, None) if self.image_after_question else (self.num_tiles, self._pixel_values)
+            ids = self.prefix_ids.unsqueeze(0).expand(rows, -1).to(model.device)  # (rows, prefix_len)
             extra = {}
             if model.config.router_mode == "task":
-                extra["task_ids"] = torch.full((self.num_tiles,), task, dtype=torch.long, device=model.device)
+                extra["task_ids"] = torch.full((rows,), task, dtype=torch.long, device=model.device)
             cache = DynamicCache()
-            pixels = None if self.image_after_question else self._pixel_values  # the prefix holds no image then
             model(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
                   cache=cache, use_cache=True, logits_to_keep=1, **extra)
-            self._kv[task] = tuple((layer.keys, layer.values) for layer in cache.layers)
+            # views of the one row for every tile (the stored prefix is never written, see _row_cache)
+            self._kv[task] = tuple((layer.keys.expand(self.num_tiles, -1, -1, -1),
+                                    layer.values.expand(self.num_tiles, -1, -1, -1)) for layer in cache.layers)
             logger.debug("encoded the image prefix of %d tiles (%d tokens, task %d)", self.num_tiles,
                          self.prefix_length, task)
         return self._kv[task]

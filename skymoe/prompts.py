@@ -38,6 +38,7 @@ __all__ = [
     "IMAGE_TOKEN",
     "build_prompt",
     "render_conversation",
+    "without_image",
     "task_of_prompt",
     "code_of_task",
     "task_of_code",
@@ -300,12 +301,16 @@ def render_conversation(
     return "".join(parts)
 
 
+def without_image(user: str) -> str:
+    """A user message without its ``<image>`` line (a JSONL human value -> the bare question), stripped."""
+    return user.replace(f"{IMAGE_TOKEN}\n", "", 1).replace(IMAGE_TOKEN, "", 1).strip()
+
+
 def _place_image(user: str, after_question: bool) -> str:
     """The first user text with its one ``<image>`` line before the question, or after it."""
     if not after_question:
         return user if IMAGE_TOKEN in user else f"{IMAGE_TOKEN}\n{user}"
-    question = user.replace(f"{IMAGE_TOKEN}\n", "", 1).replace(IMAGE_TOKEN, "", 1)
-    return f"{question.strip()}\n{IMAGE_TOKEN}"
+    return f"{without_image(user)}\n{IMAGE_TOKEN}"
 
 
 # Jinja for tokenizer/processor ``apply_chat_template``: the same text as

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from skymoe.prompts import TASK_IDS, TASKS, render_conversation, task_of_code
+from skymoe.prompts import TASK_IDS, TASKS, render_conversation, task_of_code, without_image
 
 __all__ = [
     "IGNORE_INDEX",
@@ -72,7 +72,7 @@ class InstructionRecord:
     @property
     def prompt(self) -> str:
         """The first user message without its ``<image>`` line (as from ``build_prompt``)."""
-        return self.turns[0][0].replace("<image>\n", "", 1).replace("<image>", "", 1).strip()
+        return without_image(self.turns[0][0])
 
     @property
     def answer(self) -> str:

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import skymoe
 from skymoe.position_codes import patch_grid_codes, sincos_codes
-from skymoe.prompts import TASKS, render_conversation, task_of_code, task_of_prompt
+from skymoe.prompts import TASKS, render_conversation, task_of_code, task_of_prompt, without_image
 from train.box_attention import BoxAttentionLoss, BoxAttentionSettings, box_patch_mask, supervising
 from train.config import ConfigError, load_config
 from train.dataset import IGNORE_INDEX, InstructionRecord, answer_char_spans, answer_token_labels, read_instruction_jsonl
@@ -219,8 +219,7 @@ def _single_turns(records: Sequence[InstructionRecord], tasks: Sequence[str]) ->
     for record in records:
         for user, answer in record.turns:
             if task_of_prompt(user) in keep:
-                prompt = user.replace("<image>\n", "")
-                out.append(dataclasses.replace(record, turns=(("<image>\n" + prompt, answer),)))
+                out.append(dataclasses.replace(record, turns=(("<image>\n" + without_image(user), answer),)))
     return out
 
 
