@@ -12,7 +12,8 @@ import torch
 import skymoe
 from train.demo import (DemoData, DemoModel, _conversation_texts, _patch_vocabulary, build_demo_model,
                         build_training_data)
-from train.vision_pretrain import (PatchHeads, _flipped, _stack, centre_box_iou, head_losses, patch_targets,
+from train.vision_pretrain import (HEATMAP_SIGMA, PatchHeads, _flipped, _stack, centre_box_iou, centre_heatmap,
+                                   centre_peaks, centre_probability, head_losses, heatmap_focal_loss, patch_targets,
                                    pretrain_vision, read_object_annotations, word_directions, xyxy_iou)
 
 VOCAB = _patch_vocabulary()
@@ -114,14 +115,23 @@ def test_read_object_annotations_names_a_broken_line(tmp_path):
         read_object_annotations(path)
 
 
+def _tiny_model(tokenizer):
+    return build_demo_model(DemoModel(image_size=112, patch_size=28, vision_hidden=64, vision_layers=1,
+                                      vision_heads=2, text_hidden=64, text_intermediate=128,
+                                      text_layers=2, text_heads=1, bpe_vocab=300), tokenizer, 0)
+
+
 @pytest.fixture(scope="module")
-def stage0_run(tmp_path_factory):
+def stage0_data(tmp_path_factory):
     work = tmp_path_factory.mktemp("stage0")
     _, _, objects = build_training_data(work, DemoData(scenes=6, cda_share=0.5, workers=1), seed=4)
-    tokenizer = skymoe.build_tokenizer(_conversation_texts(work / "moe.jsonl"), vocab_size=300)
-    model, processor = build_demo_model(DemoModel(image_size=112, patch_size=28, vision_hidden=64, vision_layers=1,
-                                                  vision_heads=2, text_hidden=64, text_intermediate=128,
-                                                  text_layers=2, text_heads=1, bpe_vocab=300), tokenizer, 0)
+    return objects, skymoe.build_tokenizer(_conversation_texts(work / "moe.jsonl"), vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def stage0_run(stage0_data):
+    objects, tokenizer = stage0_data
+    model, processor = _tiny_model(tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     report = pretrain_vision(model, processor, objects, VOCAB, seconds=6.0, lr=1e-3, batch_size=4, seed=0,
                              held_out=2, log_every=1)
@@ -142,12 +152,67 @@ def test_stage0_reports_losses_and_a_held_out_check(stage0_run):
     assert report.images == len(lines) - 2  # 6 scenes + CDA variants, 2 held out
     assert set(report.last_losses) == {"loss", "centres", "cover", "box", "colour", "scene", "position", "corners"}
     assert all(np.isfinite(v) for v in report.last_losses.values())
-    assert set(report.held_out) == {"images", "count_exact", "centre_error_patches", "colour_accuracy",
+    assert set(report.held_out) == {"images", "count_exact", "count_within1", "centre_recall", "centre_precision",
+                                    "centre_error_patches", "colour_accuracy",
                                     "position_accuracy", "corner_error_grid", "word_match_accuracy",
                                     "class_direction_cosine",
                                     "centre_box_acc50", "corner_box_acc50", "patch_only_acc50"}
     assert 0.0 <= report.held_out["position_accuracy"] <= 100.0 and report.held_out["corner_error_grid"] >= 0.0
     assert report.held_out["images"] == 2 and 0.0 <= report.held_out["count_exact"] <= 100.0
+    assert all(0.0 <= report.held_out[k] <= 100.0 for k in ("count_within1", "centre_recall", "centre_precision"))
+
+
+def test_stage0_with_poisson_rates_still_runs(stage0_data):
+    objects, tokenizer = stage0_data
+    model, processor = _tiny_model(tokenizer)
+    report = pretrain_vision(model, processor, objects, VOCAB, seconds=2.0, lr=1e-3, batch_size=4, seed=1,
+                             held_out=2, log_every=1, centre_loss="poisson")
+    assert report.steps_done >= 1 and np.isfinite(report.last_losses["centres"])
+    assert 0.0 <= report.held_out["count_exact"] <= 100.0
+
+
+def _grid(values: dict[tuple[int, int], float], side: int = 4) -> torch.Tensor:
+    """``(1, side * side, 1)`` map with ``values`` at (row, column), 0 elsewhere."""
+    grid = torch.zeros(side, side)
+    for (row, column), value in values.items():
+        grid[row, column] = value
+    return grid.reshape(1, side * side, 1)
+
+
+def test_centre_heatmap_by_hand():
+    heat = centre_heatmap(_grid({(1, 1): 1.0})).reshape(4, 4)
+    two_sigma2 = 2 * HEATMAP_SIGMA**2
+    assert heat[1, 1].item() == 1.0  # exactly 1: the focal loss's positives
+    assert heat[1, 2].item() == pytest.approx(math.exp(-1 / two_sigma2))  # 0.41
+    assert heat[2, 2].item() == pytest.approx(math.exp(-2 / two_sigma2))  # 0.17
+    assert heat[3, 3].item() == pytest.approx(math.exp(-8 / two_sigma2))  # two patches off diagonally
+    # at the edge the bump is cut off, not wrapped round to the far side
+    corner = centre_heatmap(_grid({(0, 0): 2.0})).reshape(4, 4)
+    assert corner[0, 0].item() == 1.0 and corner[3, 3].item() == 0.0 and corner[0, 3].item() == 0.0
+    # overlapping bumps keep the larger value; classes stay apart
+    pair = centre_heatmap(torch.cat([_grid({(0, 0): 1.0, (0, 2): 1.0}), _grid({})], dim=-1))
+    assert pair[0, 1, 0].item() == pytest.approx(math.exp(-1 / two_sigma2)) and pair[..., 1].abs().sum() == 0
+
+
+def test_heatmap_focal_loss_by_hand():
+    heat = centre_heatmap(_grid({(1, 1): 1.0}))
+    logits = torch.zeros_like(heat)  # p = 0.5 everywhere
+    log_half = math.log(0.5)
+    expected = -(0.25 * log_half + sum((1 - h) ** 4 * 0.25 * log_half for h in heat.flatten().tolist() if h < 1))
+    assert heatmap_focal_loss(logits, heat).item() == pytest.approx(expected)
+    sharp = torch.where(heat >= 1, torch.tensor(4.0), torch.tensor(-4.0))
+    assert heatmap_focal_loss(sharp, heat).item() < 0.05 * heatmap_focal_loss(logits, heat).item()
+    # an image without objects: the sum is not divided by zero
+    assert torch.isfinite(heatmap_focal_loss(torch.zeros(1, 16, 1), torch.zeros(1, 16, 1)))
+
+
+def test_centre_peaks_are_local_maxima_above_the_threshold():
+    probability = _grid({(0, 0): 0.9, (0, 1): 0.5, (2, 2): 0.6, (3, 3): 0.2})
+    peaks = centre_peaks(probability).reshape(4, 4)
+    assert peaks.nonzero().tolist() == [[0, 0], [2, 2]]  # (0, 1) is beside a larger one; (3, 3) below 0.3
+    rates = torch.log(torch.tensor([[[0.5]]]))
+    assert centre_probability(rates, "poisson").item() == pytest.approx(1 - math.exp(-0.5))
+    assert centre_probability(torch.zeros(1, 1, 1), "heatmap").item() == 0.5
 
 
 def test_xyxy_iou_by_hand():

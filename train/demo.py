@@ -71,7 +71,7 @@ from train.stage1 import save_model_folder
 from train.stage2 import set_trainable
 from train.synthetic import generate_dataset
 from train.synthetic.dataset import write_image
-from train.vision_pretrain import PatchVocabulary, pretrain_vision, word_directions
+from train.vision_pretrain import CentreLoss, PatchVocabulary, pretrain_vision, word_directions
 from train.word_match import init_word_match_head, patch_directions
 
 __all__ = [
@@ -176,6 +176,9 @@ class DemoTraining:
         vision_lr / vision_batch: Stage 0's peak AdamW learning rate and images per step.
         vision_box_weight: weight of Stage 0's box-head loss (centre offset inside the patch and
             log size); the other head losses weigh 1.
+        vision_centre_loss: how Stage 0's centre head learns where objects are
+            (:func:`train.vision_pretrain.head_losses`): ``"heatmap"`` (CenterNet-style focal
+            loss) or ``"poisson"`` (the earlier rates, which found no object on CPU).
         dense_share: share of the time left after Stage 0 given to the dense stage.
         micro_batch / global_batch: conversations per forward / per optimizer step.
         dense_lr / moe_lr: peak AdamW learning rates (cosine, warmup 5 %, floor 10 %).
@@ -200,6 +203,7 @@ class DemoTraining:
     vision_lr: float = 1e-3
     vision_batch: int = 16
     vision_box_weight: float = 1.0
+    vision_centre_loss: CentreLoss = "heatmap"
     dense_share: float = 0.6
     micro_batch: int = 4
     global_batch: int = 8
@@ -596,7 +600,9 @@ def _summary_card(cfg: DemoConfig, summary: dict) -> str:
         check = vision["held_out"]
         vision_line = (f"{vision['steps_done']} steps of {cfg.training.vision_batch} images in "
                        f"{vision['seconds'] / 60:.1f} min, lr {cfg.training.vision_lr:g}; held-out check: counts from "
-                       f"the centre heads {check['count_exact']:.0f} % exact, centre error "
+                       f"the centre heads {check['count_exact']:.0f} % exact ({check['count_within1']:.0f} % "
+                       f"within one), object centres found {check['centre_recall']:.0f} % (peaks right "
+                       f"{check['centre_precision']:.0f} %), centre error "
                        f"{check['centre_error_patches']:.2f} patches, colour {check['colour_accuracy']:.0f} %, "
                        f"patch row and column {check['position_accuracy']:.0f} %, box corners "
                        f"off by {check['corner_error_grid']:.1f} grid units, patches nearest their class's word "
@@ -687,7 +693,7 @@ def run_demo(cfg: DemoConfig, out_dir: Path, work_dir: Path, config_file: str | 
         vision = pretrain_vision(model, processor, objects_jsonl, _patch_vocabulary(), left * cfg.training.vision_share,
                                  cfg.training.vision_lr, cfg.training.vision_batch, cfg.seed,
                                  workers=cfg.training.loader_workers, box_weight=cfg.training.vision_box_weight,
-                                 class_directions=class_directions)
+                                 class_directions=class_directions, centre_loss=cfg.training.vision_centre_loss)
     left = budget_s - (time.monotonic() - start) - reserve_s
     set_trainable(model, cfg.training.language_trainable)
     dense = run_phase("dense", model, processor, dense_jsonl, val_records, cfg.training, cfg.training.dense_lr,
