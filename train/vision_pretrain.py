@@ -302,13 +302,12 @@ def centre_heatmap(centres: torch.Tensor, sigma: float = HEATMAP_SIGMA) -> torch
         beyond.
     """
     batch, patches, k = centres.shape
-    side = math.isqrt(patches)
-    peaks = (centres > 0).float().permute(0, 2, 1).reshape(batch * k, 1, side, side)
+    peaks = _class_maps(centres > 0).flatten(0, 1).unsqueeze(1)  # (batch * K, 1, side, side)
     offsets = torch.arange(-2, 3, dtype=torch.float32, device=centres.device)
     bump = torch.exp(-(offsets[:, None] ** 2 + offsets[None] ** 2) / (2 * sigma**2)).flatten()  # (25,)
     windows = F.unfold(peaks, kernel_size=5, padding=2)  # (batch * K, 25, patches); zero beyond the edge
     heat = (windows * bump[:, None]).amax(dim=1)
-    return heat.reshape(batch, k, patches).permute(0, 2, 1)
+    return _patch_rows(heat.reshape(batch, k, patches))
 
 
 def heatmap_focal_loss(logits: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
@@ -338,20 +337,26 @@ def centre_probability(centre_outputs: torch.Tensor, centre_loss: CentreLoss) ->
 def centre_peaks_near(marked: torch.Tensor) -> torch.Tensor:
     """``(batch, side * side, K)`` bool: a marked patch of the class lies within one row and
     column (the 3 x 3 neighbourhood), so a peak one patch off a centre near a border still counts."""
-    batch, patches, k = marked.shape
-    side = math.isqrt(patches)
-    grid = marked.permute(0, 2, 1).reshape(batch, k, side, side).float()
-    return (F.max_pool2d(grid, 3, stride=1, padding=1) > 0).reshape(batch, k, patches).permute(0, 2, 1)
+    return _patch_rows(F.max_pool2d(_class_maps(marked), 3, stride=1, padding=1) > 0)
 
 
 def centre_peaks(probability: torch.Tensor, threshold: float = DETECTION_THRESHOLD) -> torch.Tensor:
     """``(batch, side * side, K)`` bool: the patch is a local maximum of its class's centre
     probability over its 3 x 3 neighbourhood and above ``threshold`` (one detected object)."""
-    batch, patches, k = probability.shape
+    grid = _class_maps(probability)
+    return _patch_rows((grid == F.max_pool2d(grid, 3, stride=1, padding=1)) & (grid > threshold))
+
+
+def _class_maps(per_patch: torch.Tensor) -> torch.Tensor:
+    """``(batch, side * side, K)`` row-major patch values -> ``(batch, K, side, side)`` float maps."""
+    batch, patches, k = per_patch.shape
     side = math.isqrt(patches)
-    grid = probability.permute(0, 2, 1).reshape(batch, k, side, side)
-    peaks = (grid == F.max_pool2d(grid, 3, stride=1, padding=1)) & (grid > threshold)
-    return peaks.reshape(batch, k, patches).permute(0, 2, 1)
+    return per_patch.float().permute(0, 2, 1).reshape(batch, k, side, side)
+
+
+def _patch_rows(maps: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_class_maps` (any dtype): ``(batch, K, ...)`` -> ``(batch, patches, K)``."""
+    return maps.flatten(2).permute(0, 2, 1)
 
 
 def read_object_annotations(path: Path) -> list[dict]:
