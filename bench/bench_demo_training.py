@@ -16,7 +16,12 @@ then prints, in one process:
 
 The slower of the first two bounds a training step; their ratio says which to work on.
 
+``--precision`` instead times forward + backward of the dense and the MoE model in fp32 and in
+bf16 autocast on the same batches, interleaved (fp32, bf16, fp32), and prints the ratio: whether
+the loop's bf16 (``train.loop.has_bf16``: CUDA, or a CPU with AVX512-BF16 or AMX) pays here.
+
 Usage: python bench/bench_demo_training.py [--scenes 300] [--workers 14] [--micro-batch 16] [--steps 10]
+       python bench/bench_demo_training.py --precision --scenes 40 --micro-batch 4 --steps 6
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import skymoe  # noqa: E402
 from train.box_attention import BoxAttentionLoss, BoxAttentionSettings, plus_box_attention, supervising  # noqa: E402
 from train.dataset import InstructionDataset, PaddingCollator, read_instruction_jsonl  # noqa: E402
 from train.demo import DemoData, DemoModel, _conversation_texts, build_demo_model, build_training_data  # noqa: E402
-from train.loop import bf16_autocast  # noqa: E402
+from train.loop import bf16_autocast, has_bf16  # noqa: E402
 
 
 def _synchronize(device: torch.device) -> None:
@@ -59,13 +64,13 @@ def loader_rate(dataset, collator, micro_batch: int, workers: int, batches: int)
 
 
 def model_rate(model, batches: list[dict], device: torch.device, steps: int,
-               box_attention: BoxAttentionLoss | None = None) -> float:
+               box_attention: BoxAttentionLoss | None = None, bf16: bool = True) -> float:
     """Conversations/s of forward + backward on batches already on ``device`` (after two warm-up steps),
-    with the box-attention loss added when given."""
+    with the box-attention loss added when given, in bf16 autocast where the loop would use it and ``bf16``."""
     model.train()
 
     def step(batch):
-        with bf16_autocast(device):
+        with bf16_autocast(device, bf16):
             loss, _ = plus_box_attention(model(**batch).loss, batch, box_attention)
         loss.backward()
         model.zero_grad(set_to_none=True)
@@ -93,6 +98,25 @@ def top_operators(model, batch: dict, device: torch.device, rows: int) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+def precision_ratios(model, batches: list[dict], device: torch.device, steps: int) -> int:
+    """Print conversations/s of the dense and the upcycled MoE model in fp32 and bf16 autocast;
+    fp32 is timed before and after bf16 and the faster of the two kept, so drift on a shared
+    machine does not favour bf16."""
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; bf16 autocast used by the training loop here: {has_bf16(device)}")
+    if not has_bf16(device):
+        print("no native bf16 on this device: the loop trains in fp32, nothing to compare")
+        return 0
+    moe_model = skymoe.upcycle(model, DemoModel().num_experts, None, num_experts_per_tok=DemoModel().top_k)
+    for label, m in (("dense", model), (f"MoE (E={DemoModel().num_experts})", moe_model)):
+        fp32_before = model_rate(m, batches, device, steps, bf16=False)
+        bf16 = model_rate(m, batches, device, steps, bf16=True)
+        fp32 = max(fp32_before, model_rate(m, batches, device, steps, bf16=False))
+        print(f"model, {label}: fp32 {fp32:6.2f}, bf16 autocast {bf16:6.2f} conversations/s "
+              f"(bf16 / fp32 = {bf16 / fp32:.2f})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenes", type=int, default=300)
@@ -100,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=16, help="conversations per forward")
     parser.add_argument("--steps", type=int, default=10, help="timed model steps (loader: 4x as many batches)")
     parser.add_argument("--max-length", type=int, default=800)
+    parser.add_argument("--precision", action="store_true", help="only compare fp32 with bf16 autocast")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,10 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         records, _ = read_instruction_jsonl(moe_jsonl)
         dataset = InstructionDataset(records, processor, args.max_length)
         collator = PaddingCollator(processor.tokenizer.pad_token_id)
-        loader = loader_rate(dataset, collator, args.micro_batch, args.workers, 4 * args.steps)
         batches = [{k: v.to(device) for k, v in collator([dataset[(b * args.micro_batch + i) % len(dataset)]
                                                           for i in range(args.micro_batch)]).items()}
                    for b in range(4)]
+        if args.precision:
+            return precision_ratios(model, batches, device, args.steps)
+        loader = loader_rate(dataset, collator, args.micro_batch, args.workers, 4 * args.steps)
         dense = model_rate(model, batches, device, args.steps)
         dense_ops = top_operators(model, batches[0], device, 15)
         box_loss = BoxAttentionLoss(model, tokenizer, BoxAttentionSettings(coef=1.0))

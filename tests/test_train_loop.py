@@ -168,3 +168,19 @@ def test_atomic_directory_removes_a_partial_folder(tmp_path):
     with atomic_directory(final) as tmp:
         (tmp / "config.json").write_text("{}")
     assert [p.name for p in tmp_path.iterdir()] == ["model"] and (final / "config.json").is_file()
+
+
+@pytest.mark.parametrize("native_bf16, bf16, want", [(True, True, torch.bfloat16), (True, False, torch.float32),
+                                                      (False, True, torch.float32)])
+def test_cpu_forward_runs_in_bf16_only_where_the_cpu_has_it_and_the_config_asks(tmp_path, data, monkeypatch,
+                                                                              native_bf16, bf16, want):
+    # the three cases run in one process: accelerate's process-wide precision must not pin the first
+    monkeypatch.setattr(loop_mod, "_cpu_has_native_bf16", lambda: native_bf16)
+    model = _model()
+    seen = []
+    model.model.language_model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda module, args, out: seen.append(out.dtype))
+    result = train(model, data, PaddingCollator(PAD), _loop(tmp_path, bf16=bf16, max_steps=1), OPTIM)
+    assert seen and set(seen) == {want}
+    assert math.isfinite(result.history[0].loss)
+    assert next(model.parameters()).dtype == torch.float32  # autocast: the weights stay fp32

@@ -90,8 +90,8 @@ class LoopConfig:
         global_batch_size: samples per optimizer step over all processes (paper: 144);
             must be ``per_device_batch_size * accumulation * world_size``.
         per_device_batch_size: samples per forward pass on one device.
-        bf16: use bf16 autocast where the hardware supports it (CUDA with bf16);
-            ignored, with a log line, elsewhere.
+        bf16: use bf16 autocast where the hardware runs it natively (CUDA with bf16, or a CPU
+            with AVX512-BF16 or AMX: :func:`train.loop.has_bf16`); ignored, with a log line, elsewhere.
         seed: seeds parameter init, dropout and the per-epoch data order.
         save_every_steps: write a checkpoint every this many optimizer steps (0: never).
         keep_checkpoints: keep only the newest this many checkpoints (0: keep all).

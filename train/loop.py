@@ -48,6 +48,7 @@ from train.config import LoopConfig, OptimConfig
 
 __all__ = [
     "bf16_autocast",
+    "has_bf16",
     "seconds_per_call_after_prefetch",
     "CheckpointError",
     "CheckpointWriteError",
@@ -420,14 +421,27 @@ def _check_params(folder: Path, saved: dict, expected: dict) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 
-def _has_bf16(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+def _cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX). There oneDNN runs
+    bf16 matmuls several times faster than fp32; other CPUs emulate bf16, slower than fp32.
+    torch only has private checks for it; a torch without them counts as no."""
+    return any(getattr(torch.cpu, check, lambda: False)()
+               for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
-def bf16_autocast(device: torch.device) -> torch.autocast:
-    """bf16 autocast on ``device`` where the loop trains in bf16 (CUDA with bf16), a no-op elsewhere:
-    for steps run outside the loop (Stage 0, step timing) at the loop's precision."""
-    return torch.autocast(device.type, torch.bfloat16, enabled=_has_bf16(device))
+def has_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast pays on ``device``: CUDA with bf16, or a CPU with native bf16 dot
+    products (:func:`_cpu_has_native_bf16`; ``bench/bench_demo_training.py --precision`` measures
+    the gain). Elsewhere the loop trains in fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and _cpu_has_native_bf16()
+
+
+def bf16_autocast(device: torch.device, enabled: bool = True) -> torch.autocast:
+    """bf16 autocast on ``device`` where the loop trains in bf16 (:func:`has_bf16`) and ``enabled``,
+    a no-op elsewhere: for steps run outside the loop (Stage 0, step timing) at the loop's precision."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=enabled and has_bf16(device))
 
 
 def seconds_per_call_after_prefetch(step: Callable[[], object], loader_workers: int) -> tuple[float, int]:
@@ -447,20 +461,31 @@ def seconds_per_call_after_prefetch(step: Callable[[], object], loader_workers: 
     return (time.perf_counter() - start) / timed, warm + timed
 
 
-def _make_accelerator(loop_cfg: LoopConfig):
+def _make_accelerator(loop_cfg: LoopConfig) -> tuple[Any, int, Callable[[], contextlib.AbstractContextManager]]:
+    """The accelerator, the gradient accumulation steps, and the context the loop runs each forward in.
+
+    On CUDA, accelerate's ``mixed_precision="bf16"`` autocasts the forward (and sets DeepSpeed's
+    bf16). On a CPU the loop autocasts itself and leaves accelerate at ``"no"``: accelerate keeps the
+    precision in a process-wide state that cannot change once set, and one process trains several
+    times (the demo's stages, the tests), some in fp32.
+    """
     from accelerate import Accelerator, PartialState
 
     cpu = not torch.cuda.is_available()  # CPU-only: torchrun workers join a gloo group (tests, debugging)
     world = PartialState(cpu=cpu).num_processes
     accum = accumulation_steps(loop_cfg.global_batch_size, loop_cfg.per_device_batch_size, world)
-    bf16 = loop_cfg.bf16 and not cpu and _has_bf16(torch.device("cuda"))
+    bf16 = loop_cfg.bf16 and has_bf16(torch.device("cpu" if cpu else "cuda"))
     if loop_cfg.bf16 and not bf16:
-        logger.info("bf16 requested but this hardware has no bf16 CUDA; training in fp32")
-    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=accum, mixed_precision="bf16" if bf16 else "no")
+        logger.info("bf16 requested but this hardware has no native bf16 (CUDA with bf16, or a CPU with "
+                    "AVX512-BF16 or AMX); training in fp32")
+    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=accum,
+                              mixed_precision="bf16" if bf16 and not cpu else "no")
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:  # the loop batches its own data, so DeepSpeed cannot infer the micro-batch
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = loop_cfg.per_device_batch_size
-    return accelerator, accum
+    if bf16 and cpu:
+        return accelerator, accum, lambda: torch.autocast("cpu", torch.bfloat16)
+    return accelerator, accum, contextlib.nullcontext
 
 
 def _make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -485,11 +510,13 @@ def _resume_folder(loop_cfg: LoopConfig) -> Path | None:
     return folder
 
 
-def _micro_step(accelerator, model, batch: dict[str, torch.Tensor],
-                box_attention: BoxAttentionLoss | None) -> tuple[float, float, float, float]:
-    """Forward + backward of one micro-batch; returns ``(lm, aux, total, box attention)`` losses."""
+def _micro_step(accelerator, model, batch: dict[str, torch.Tensor], box_attention: BoxAttentionLoss | None,
+                precision: Callable[[], contextlib.AbstractContextManager]) -> tuple[float, float, float, float]:
+    """Forward (in the ``precision`` context) + backward of one micro-batch; returns
+    ``(lm, aux, total, box attention)`` losses."""
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-    out = model(**batch)
+    with precision():
+        out = model(**batch)
     if out.loss is None:
         raise ValueError("the model returned no loss: the batch needs labels")
     loss, box = plus_box_attention(out.loss, batch, box_attention)
@@ -529,7 +556,7 @@ def train(model: torch.nn.Module, dataset: Sequence, collate_fn: Callable, loop_
         CheckpointError / CheckpointMismatchError: a resume checkpoint that does not fit.
         CheckpointWriteError: a checkpoint could not be written (disk full, ...).
     """
-    accelerator, accum = _make_accelerator(loop_cfg)
+    accelerator, accum, precision = _make_accelerator(loop_cfg)
     steps_per_epoch = math.ceil(len(dataset) / loop_cfg.global_batch_size)
     total = steps_per_epoch * loop_cfg.epochs
     total = min(total, loop_cfg.max_steps) if loop_cfg.max_steps else total
@@ -551,14 +578,16 @@ def train(model: torch.nn.Module, dataset: Sequence, collate_fn: Callable, loop_
         _seed_everything(loop_cfg.seed)
     with supervising(box_attention):
         _run_steps(accelerator, model, optimizer, dataset, collate_fn, loop_cfg, optim_cfg, geometry,
-                   result, run_config or {}, stop_after, box_attention)
+                   result, run_config or {}, stop_after, box_attention, precision)
     return result
 
 
 def _run_steps(accelerator, model, optimizer, dataset, collate_fn, loop_cfg: LoopConfig, optim_cfg: OptimConfig,
                geometry: _Geometry, result: TrainResult, run_config: dict, stop_after: int | None,
-               box_attention: BoxAttentionLoss | None) -> None:
-    """The loop proper: steps ``result.last_step .. total`` with logging and checkpoints."""
+               box_attention: BoxAttentionLoss | None,
+               precision: Callable[[], contextlib.AbstractContextManager]) -> None:
+    """The loop proper: steps ``result.last_step .. total`` with logging and checkpoints, each
+    forward in the ``precision`` context (:func:`_make_accelerator`)."""
     output_dir = Path(loop_cfg.output_dir)
     warmup = math.ceil(optim_cfg.warmup_ratio * geometry.total_steps)
     steps_per_epoch = math.ceil(geometry.num_samples / geometry.global_batch)
@@ -582,7 +611,7 @@ def _run_steps(accelerator, model, optimizer, dataset, collate_fn, loop_cfg: Loo
                 break
             lr = cosine_lr(step, geometry.total_steps, warmup, optim_cfg.lr, optim_cfg.lr * optim_cfg.min_lr_ratio)
             losses = _optimizer_step(accelerator, model, optimizer, trainable, batches, geometry.accum, lr,
-                                     optim_cfg.max_grad_norm, box_attention)
+                                     optim_cfg.max_grad_norm, box_attention, precision)
             step += 1
             record = StepLog(step, epoch, lr, *losses)
             result.history.append(record)
@@ -599,14 +628,15 @@ def _run_steps(accelerator, model, optimizer, dataset, collate_fn, loop_cfg: Loo
 
 
 def _optimizer_step(accelerator, model, optimizer, trainable, batches, accum: int, lr: float, max_grad_norm: float,
-                    box_attention: BoxAttentionLoss | None) -> tuple[float, float, float, float]:
+                    box_attention: BoxAttentionLoss | None,
+                    precision: Callable[[], contextlib.AbstractContextManager]) -> tuple[float, float, float, float]:
     """``accum`` micro-batches then one AdamW step at ``lr``; mean losses over micro-batches and processes."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     sums = torch.zeros(4, dtype=torch.float64)
     for _ in range(accum):
         with accelerator.accumulate(model):
-            sums += torch.tensor(_micro_step(accelerator, model, next(batches), box_attention), dtype=torch.float64)
+            sums += torch.tensor(_micro_step(accelerator, model, next(batches), box_attention, precision), dtype=torch.float64)
             if accelerator.sync_gradients and max_grad_norm > 0:
                 accelerator.clip_grad_norm_(trainable, max_grad_norm)
             optimizer.step()

@@ -472,7 +472,7 @@ def centre_box_iou(box: torch.Tensor, truth: torch.Tensor, centre_offset: torch.
 
 @torch.no_grad()
 def _held_out_check(model, heads: PatchHeads, samples: _PatchSamples, indices: np.ndarray,
-                    workers: int, centre_loss: CentreLoss) -> dict[str, float]:
+                    workers: int, centre_loss: CentreLoss, bf16: bool) -> dict[str, float]:
     """Count accuracy from the centre heads, exact and within one, over the classes present in
     an image (heatmap: peaks of :func:`centre_peaks`; Poisson: sum of rates, rounded), how many
     centre patches have a peak of their class within one patch (recall) and how many peaks have
@@ -501,7 +501,7 @@ def _held_out_check(model, heads: PatchHeads, samples: _PatchSamples, indices: n
     keys = [[(int(i), False, False) for i in indices[start:start + 16]] for start in range(0, len(indices), 16)]
     for pixel_values, targets in _loader(samples, keys, workers):
         targets = {name: t.to(device) for name, t in targets.items()}
-        with bf16_autocast(device):
+        with bf16_autocast(device, bf16):
             tokens = _image_tokens(model, pixel_values.to(device))
             out = heads(tokens)
         cover, covered_class = targets["cover"].max(dim=-1)
@@ -563,10 +563,11 @@ def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabular
                     batch_size: int, seed: int, held_out: int = 64, log_every: int = 25,
                     workers: int = 0, box_weight: float = 1.0,
                     class_directions: torch.Tensor | None = None,
-                    centre_loss: CentreLoss = "heatmap") -> VisionPretrainReport:
+                    centre_loss: CentreLoss = "heatmap", bf16: bool = True) -> VisionPretrainReport:
     """Train the vision tower and projector of ``model`` in place with :class:`PatchHeads` for about ``seconds``.
 
-    Trains on the model's device (bf16 autocast on CUDA). The step count is planned from a
+    Trains on the model's device, in bf16 autocast where it runs natively and ``bf16``
+    (:func:`train.loop.bf16_autocast`). The step count is planned from a
     measured step time (AdamW, warmup 5 %, cosine to 10 % of ``lr``, gradient norm clipped at
     1); the run stops early if it falls behind. The last ``held_out`` images are kept out of
     training for the closing check.
@@ -591,6 +592,7 @@ def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabular
             colours keep their words' directions.
         centre_loss: how the centre head learns (:func:`head_losses`): ``"heatmap"`` (logits,
             :func:`heatmap_focal_loss`) or ``"poisson"`` (log-rates).
+        bf16: bf16 autocast where the hardware runs it natively (``False``: fp32).
     """
     records = read_object_annotations(objects_jsonl)
     if len(records) <= held_out:
@@ -617,7 +619,7 @@ def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabular
     def step() -> dict[str, float]:
         pixel_values, targets = next(batches)
         targets = {name: t.to(device) for name, t in targets.items()}
-        with bf16_autocast(device):
+        with bf16_autocast(device, bf16):
             losses = head_losses(heads(_image_tokens(model, pixel_values.to(device))), targets, box_weight,
                                   centre_loss)
         loss = sum(losses.values())
@@ -656,6 +658,6 @@ def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabular
     del batches  # stops the loader's workers
     report.seconds = time.monotonic() - start
     report.seconds_per_step = report.seconds / (report.steps_done + timing_steps)
-    report.held_out = _held_out_check(model, heads, samples, check_ids, workers, centre_loss)
+    report.held_out = _held_out_check(model, heads, samples, check_ids, workers, centre_loss, bf16)
     logger.info("stage 0 held-out check: %s", json.dumps(report.held_out))
     return report
