@@ -630,7 +630,8 @@ def _summary_card(cfg: DemoConfig, summary: dict) -> str:
     return f"""# SkyMoE demo checkpoint (synthetic domain only)
 
 A small SkyMoE trained from scratch by `python -m train.demo --config {summary['config_file']} --out
-{summary['out']} --budget-minutes {cfg.training.budget_minutes:g} --seed {cfg.seed}` in {summary['minutes']:.1f} minutes on {summary['device']}.
+{summary['out']} --budget-minutes {cfg.training.budget_minutes:g} --seed {cfg.seed}` in {summary['minutes']:.1f} minutes on {summary['device']}
+({summary['precision']}).
 It exists so the app works out of the box; it has only ever seen procedurally generated
 scenes (`train.synthetic`) and is **not** a remote-sensing model for real imagery.
 
