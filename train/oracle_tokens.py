@@ -57,6 +57,7 @@ from skymoe.generation import Generation, generations_from_scores
 from skymoe.parsing import parse_answer
 from train.eval import DEFAULT_MAX_NEW_TOKENS, SampleResult, scene_queries, score_results
 from train.instructions import box_norm100
+from train.loop import bf16_autocast
 from train.synthetic import generate_dataset
 from train.synthetic.classes import COLOURS, OBJECT_CLASSES, SCENE_CLASSES, SIZE_WORDS
 
@@ -160,6 +161,7 @@ class OracleSettings:
         eval_scenes / eval_seed: fresh scenes scored at each quarter of the run (one sample per
             task per scene).
         seed: model init, codes and data order.
+        bf16: train in bf16 autocast where the device runs it natively (:func:`train.loop.has_bf16`).
     """
 
     tasks: tuple[str, ...] = ("SC", "VQA", "VG", "OC")
@@ -173,6 +175,7 @@ class OracleSettings:
     eval_scenes: int = 64
     eval_seed: int = 4242
     seed: int = 0
+    bf16: bool = True
 
 
 def answer_objects(image: dict, answers: Sequence[str]) -> dict:
@@ -324,7 +327,7 @@ def train_oracle(model, tokenizer, records: list[InstructionRecord], objects: di
             input_ids[row, :len(ids)], labels[row, :len(ids)], mask[row, :len(ids)] = (
                 torch.tensor(ids), torch.tensor(row_labels), 1)
         input_ids, labels, mask = input_ids.to(model.device), labels.to(model.device), mask.to(model.device)
-        with supervising(box):
+        with supervising(box), bf16_autocast(model.device, settings.bf16):
             out = model(inputs_embeds=_embed(model, input_ids, [t for t, _ in designed]), attention_mask=mask,
                         labels=labels)
             box_loss = box(input_ids, labels, [p for _, p in designed]) if box is not None else None
@@ -362,6 +365,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--box-layer", type=int, default=1)
     parser.add_argument("--eval-scenes", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fp32", action="store_true", help="train in fp32 even where bf16 is native")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda (default: %(default)s)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo YAML for the model and data")
@@ -393,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     settings = OracleSettings(codes, args.steps, args.batch, args.lr, args.sparse, args.question_first,
                               args.targets_only, BoxAttentionSettings(args.box_attention, args.box_layer, 0),
-                              args.eval_scenes, seed=args.seed)
+                              args.eval_scenes, seed=args.seed, bf16=not args.fp32)
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     _, moe_jsonl, objects_jsonl, _ = _cached_data(work_dir, cfg)
