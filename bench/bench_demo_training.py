@@ -46,6 +46,10 @@ from train.demo import DemoData, DemoModel, _conversation_texts, build_demo_mode
 from train.loop import bf16_autocast, has_bf16  # noqa: E402
 
 
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -102,8 +106,7 @@ def precision_ratios(model, batches: list[dict], device: torch.device, steps: in
     """Print conversations/s of the dense and the upcycled MoE model in fp32 and bf16 autocast;
     fp32 is timed before and after bf16 and the faster of the two kept, so drift on a shared
     machine does not favour bf16."""
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; bf16 autocast used by the training loop here: {has_bf16(device)}")
+    print(f"device: {_device_name(device)}; bf16 autocast used by the training loop here: {has_bf16(device)}")
     if not has_bf16(device):
         print("no native bf16 on this device: the loop trains in fp32, nothing to compare")
         return 0
@@ -157,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         moe_ops = top_operators(moe_model, batches[0], device, 15)
     print("\ndense model step, top operators:\n" + dense_ops)
     print("MoE model step, top operators:\n" + moe_ops)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; micro-batch {args.micro_batch}, max_length {args.max_length}")
+    print(f"device: {_device_name(device)}; micro-batch {args.micro_batch}, max_length {args.max_length}")
     print(f"loader, {args.workers} workers: {loader:8.1f} conversations/s")
     print(f"model, dense:        {dense:8.1f} conversations/s  (loader / model = {loader / dense:.2f})")
     print(f"model, MoE (E=4):    {moe:8.1f} conversations/s  (loader / model = {loader / moe:.2f})")

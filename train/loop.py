@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import math
@@ -421,6 +422,7 @@ def _check_params(folder: Path, saved: dict, expected: dict) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 
+@functools.cache  # asked on every step of Stage 0 and the step timing; the CPU does not change
 def _cpu_has_native_bf16() -> bool:
     """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX). There oneDNN runs
     bf16 matmuls several times faster than fp32; other CPUs emulate bf16, slower than fp32.
@@ -483,9 +485,7 @@ def _make_accelerator(loop_cfg: LoopConfig) -> tuple[Any, int, Callable[[], cont
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:  # the loop batches its own data, so DeepSpeed cannot infer the micro-batch
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = loop_cfg.per_device_batch_size
-    if bf16 and cpu:
-        return accelerator, accum, lambda: torch.autocast("cpu", torch.bfloat16)
-    return accelerator, accum, contextlib.nullcontext
+    return accelerator, accum, functools.partial(torch.autocast, "cpu", torch.bfloat16, enabled=bf16 and cpu)
 
 
 def _make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
