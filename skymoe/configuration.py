@@ -80,6 +80,13 @@ class SkyMoEConfig(LlavaConfig):
             can read what is asked before the answer looks for it (train/README.md, the
             question-first oracle). A property of how the checkpoint was trained: prompts
             must be rendered the same way at inference.
+        object_tokens: ``0`` (the paper, the default): the language model reads every patch.
+            ``K > 0``: it reads ``object_context_grid ** 2`` pooled context tokens and the tokens
+            of the ``K`` patches where a per-class centre heatmap head (``object_scorer``) peaks
+            (:mod:`skymoe.object_tokens`); ``image_seq_length`` is then their sum. Needs
+            ``object_classes`` and the ``"default"`` feature strategy.
+        object_classes: Classes of the centre heatmap head (0 without object tokens).
+        object_context_grid: Pooled context tokens per side with object tokens.
     """
 
     model_type = "skymoe"
@@ -112,16 +119,22 @@ class SkyMoEConfig(LlavaConfig):
     num_tasks: int = NUM_TASKS
     image_position_embedding: Literal["none", "2d"] = "none"
     image_after_question: bool = False
+    object_tokens: int = 0
+    object_classes: int = 0
+    object_context_grid: int = 3
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         grid_tokens = self.image_grid_size**2 + (1 if self.vision_feature_select_strategy == "full" else 0)
+        if self.object_tokens:
+            grid_tokens = self.object_context_grid**2 + self.object_tokens
         if self.image_seq_length is None:
             self.image_seq_length = grid_tokens
         if self.image_seq_length != grid_tokens:
             raise SkyMoEConfigError(
                 f"image_seq_length={self.image_seq_length} but the vision tower gives {grid_tokens} image tokens "
-                f"({self.vision_config.image_size} px / {self.vision_config.patch_size} px patches); omit it to derive it"
+                f"({self.vision_config.image_size} px / {self.vision_config.patch_size} px patches, "
+                f"object_tokens={self.object_tokens}); omit it to derive it"
             )
         if self.moe_layers is None:
             num_layers = self.text_config.num_hidden_layers
@@ -175,10 +188,34 @@ class SkyMoEConfig(LlavaConfig):
                     'image_position_embedding="2d" splits the text width into sine/cosine halves for columns and '
                     f"rows; text_config.hidden_size must be a multiple of 4, got {self.text_config.hidden_size}"
                 )
+        if self.object_tokens:
+            self._check_object_fields()
         if self.num_tasks < 1:
             raise SkyMoEConfigError(f"num_tasks must be >= 1, got {self.num_tasks}")
         if self.vision_config.image_size % self.vision_config.patch_size:
             raise SkyMoEConfigError(
                 f"vision_config.image_size={self.vision_config.image_size} is not a multiple of "
                 f"patch_size={self.vision_config.patch_size}"
+            )
+
+    def _check_object_fields(self) -> None:
+        """Check the object-token fields (``object_tokens > 0``)."""
+        patches = self.image_grid_size**2
+        if not 0 < self.object_tokens <= patches:
+            raise SkyMoEConfigError(
+                f"object_tokens must lie in [1, {patches}] (the patches of the image), got {self.object_tokens}"
+            )
+        if self.object_classes < 1:
+            raise SkyMoEConfigError(
+                f"object_tokens={self.object_tokens} needs object_classes >= 1 (the centre heatmap's classes), "
+                f"got {self.object_classes}"
+            )
+        if not 1 <= self.object_context_grid <= self.image_grid_size:
+            raise SkyMoEConfigError(
+                f"object_context_grid must lie in [1, {self.image_grid_size}], got {self.object_context_grid}"
+            )
+        if self.vision_feature_select_strategy != "default":
+            raise SkyMoEConfigError(
+                "object_tokens pick patches of the grid; they need vision_feature_select_strategy=\"default\" "
+                f"(no class token), got {self.vision_feature_select_strategy!r}"
             )

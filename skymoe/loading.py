@@ -30,11 +30,13 @@ logger = logging.getLogger(__name__)
 
 Quant = Literal["4bit", "8bit", "none"]
 
-#: Module-name patterns bitsandbytes leaves unquantized: routers, vision tower, projector, LM head.
+#: Module-name patterns bitsandbytes leaves unquantized: routers, vision tower, projector, object
+#: scorer (it picks the object tokens), LM head.
 QUANT_SKIP_MODULES = [
     r"model\.language_model\.layers\.\d+\.mlp\.router",
     "model.vision_tower",
     "model.multi_modal_projector",
+    "model.object_scorer",
     "lm_head",
 ]
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

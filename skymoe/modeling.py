@@ -28,6 +28,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration import SkyMoEConfig
 from .moe import SkyMoESparseBlock, SkyMoETaskBias, load_balancing_loss, record_router_outputs
+from .object_tokens import object_image_tokens
 from .position_codes import patch_grid_codes
 
 __all__ = [
@@ -170,7 +171,27 @@ class SkyMoEModel(SkyMoEPreTrainedModel, LlavaModel):
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = SkyMoEMultiModalProjector(config)
         self.language_model = SkyMoETextModel(config)
+        if config.object_tokens:
+            self.object_scorer = nn.Linear(config.text_config.hidden_size, config.object_classes)
+        # (images, image_seq_length) patch of each image token of the last forward with images,
+        # -1 for context tokens (object tokens only; skymoe.capture_routing reads it)
+        self.last_image_patches: torch.Tensor | None = None
         self.post_init()
+
+    def patch_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected tokens of every patch, ``(images, grid_size**2, text width)``, row-major."""
+        return torch.stack(list(LlavaModel.get_image_features(self, pixel_values=pixel_values).pooler_output))
+
+    def get_image_features(self, pixel_values: torch.Tensor, *args, **kwargs):
+        """Llava's image features; with ``object_tokens`` the context and object tokens instead
+        (:func:`skymoe.object_tokens.object_image_tokens`)."""
+        outputs = super().get_image_features(pixel_values, *args, **kwargs)
+        if self.config.object_tokens:
+            grid = torch.stack(list(outputs.pooler_output))
+            tokens, self.last_image_patches = object_image_tokens(
+                grid, self.object_scorer(grid), self.config.object_tokens, self.config.object_context_grid)
+            outputs.pooler_output = list(tokens)
+        return outputs
 
 
 class SkyMoEForConditionalGeneration(SkyMoEPreTrainedModel, LlavaForConditionalGeneration):

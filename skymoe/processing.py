@@ -88,7 +88,8 @@ class SkyMoEProcessor(LlavaProcessor):
 
     One ``<image>`` in the text expands to ``(image_size // patch_size) ** 2`` image tokens
     (1296 at 504 px with 14 px patches; 324 with 28 px patches), the CLS token being dropped
-    (``vision_feature_select_strategy="default"``).
+    (``vision_feature_select_strategy="default"``), or to ``image_seq_length`` tokens where it
+    is given (a model with ``object_tokens``: context plus object tokens, not the patch grid).
     """
 
     def __init__(
@@ -100,8 +101,10 @@ class SkyMoEProcessor(LlavaProcessor):
         chat_template=None,
         image_token="<image>",
         num_additional_image_tokens=0,
+        image_seq_length=None,
         **kwargs,
     ):
+        self.image_seq_length = image_seq_length
         super().__init__(
             image_processor=image_processor,
             tokenizer=tokenizer,
@@ -138,7 +141,14 @@ class SkyMoEProcessor(LlavaProcessor):
             vision_feature_select_strategy=config.vision_feature_select_strategy,
             num_additional_image_tokens=1,
             chat_template=chat_template(config.image_after_question),
+            image_seq_length=config.image_seq_length if config.object_tokens else None,
         )
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        """``<image>`` expanded to the model's image tokens (``image_seq_length`` where set)."""
+        if self.image_seq_length is None:
+            return super().replace_image_token(image_inputs, image_idx, **kwargs)
+        return self.image_token * self.image_seq_length
 
     def __call__(self, images=None, text=None, **kwargs):
         """Convert images to RGB (module rules), then LLaVA's processing (resize, normalise, expand ``<image>``).

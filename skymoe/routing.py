@@ -47,7 +47,7 @@ class _Call:
     """Token bookkeeping of one forward call, tokens flattened batch-major ``(batch * seq,)``."""
 
     sample_index: torch.Tensor  # (tokens,) sample number across the trace
-    patch_index: torch.Tensor  # (tokens,) patch number in the image grid, -1 for text tokens
+    patch_index: torch.Tensor  # (tokens,) patch number in the image grid, -1 for text (and context) tokens
     token_mask: torch.Tensor  # (tokens,) bool
 
 
@@ -143,6 +143,18 @@ class RoutingTrace:
                 load[row] = (torch.bincount(chosen, minlength=self.num_experts).float() / chosen.numel()).numpy()
         return load
 
+    def _place_object_tokens(self, patches: torch.Tensor) -> None:
+        """Give the last call's image tokens the patches they stand for (a model with object tokens).
+
+        ``patches``: ``(images, image_seq_length)`` (``SkyMoEModel.last_image_patches``), the
+        image tokens in the order they fill the batch's image positions, ``-1`` for context tokens.
+        """
+        call = self._calls[-1]
+        is_image = call.patch_index >= 0
+        flat = patches.reshape(-1).cpu()
+        if int(is_image.sum()) == flat.numel():
+            call.patch_index = call.patch_index.masked_scatter(is_image, flat)
+
     def _on_call(
         self,
         input_ids: torch.Tensor | None,
@@ -202,11 +214,16 @@ def capture_routing(model: nn.Module) -> Iterator[RoutingTrace]:
         has_images = kwargs.get("pixel_values") is not None
         trace._on_call(input_ids, kwargs.get("inputs_embeds"), kwargs.get("attention_mask"), has_images)
 
+    def _after_forward(_module: nn.Module, _args: tuple, kwargs: dict, _output) -> None:
+        if config.object_tokens and kwargs.get("pixel_values") is not None:
+            trace._place_object_tokens(model.model.last_image_patches)
+
     def _after_router(module: SkyMoERouter, _args: tuple, output: RouterOutput) -> None:
         tensors = (output.logits, output.probs, output.top_k_weights, output.top_k_index)
         trace._records.setdefault(module.layer_idx, []).append(RouterOutput(*(t.detach().cpu() for t in tensors)))
 
-    handles = [model.register_forward_pre_hook(_before_forward, with_kwargs=True)]
+    handles = [model.register_forward_pre_hook(_before_forward, with_kwargs=True),
+               model.register_forward_hook(_after_forward, with_kwargs=True)]
     handles += [r.register_forward_hook(_after_router) for r in routers]
     try:
         yield trace

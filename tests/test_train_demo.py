@@ -201,3 +201,22 @@ def test_training_data_are_the_same_whichever_worker_builds_a_scene(tmp_path):
         outputs.append([p.read_text() for p in paths])
     assert outputs[0] == outputs[1]
     assert '"augmentation"' in outputs[0][1]  # CDA variants were built in the workers too
+
+
+def test_demo_recipe_with_object_tokens_hands_stage_0s_centre_head_to_the_model(tmp_path):
+    cfg = DemoConfig(seed=4, model=replace(TINY_MODEL, object_tokens=2, object_context_grid=1),
+                     data=DemoData(scenes=4, cda_share=0.0, val_scenes=1, workers=1),
+                     training=DemoTraining(budget_minutes=0.2, micro_batch=2, global_batch=2, chunk_minutes=0.05,
+                                           max_length=512, language_trainable="llm"))
+    out = tmp_path / "ckpt"
+    run_demo(cfg, out, tmp_path / "work")
+    config = json.loads((out / "config.json").read_text())
+    assert config["object_tokens"] == 2 and config["image_seq_length"] == 1 + 2 and config["object_classes"] == 10
+    model, processor = skymoe.load_model(out, quant="none")
+    assert processor.image_seq_length == 3
+    with safe_open(out / "model.safetensors", "pt") as fh:
+        # Stage 0's centre head (bias from CenterNet's prior, -4.6), not a fresh Linear's (|bias| < 0.13)
+        assert fh.get_tensor("model.object_scorer.bias").float().mean() < -2
+    answers = skymoe.generate(model, processor, [np.zeros((56, 56, 3), np.uint8)], [skymoe.build_prompt("count", "car")],
+                              max_new_tokens=3)
+    assert len(answers) == 1

@@ -112,6 +112,10 @@ class DemoModel:
             to the projected image tokens (``skymoe.SkyMoEConfig``).
         image_after_question: the first user turn puts the image after the question
             (``skymoe.SkyMoEConfig``), so the image tokens can see what is asked.
+        object_tokens / object_context_grid: ``K > 0``: the language model reads pooled context
+            tokens and the K patches where Stage 0's centre heatmap peaks instead of every
+            patch (``skymoe.SkyMoEConfig``; needs Stage 0 with the heatmap centre loss and
+            ``training.language_trainable: llm``, which keeps the tower as the heatmap knows it).
     """
 
     image_size: int = 504
@@ -129,6 +133,8 @@ class DemoModel:
     aux_loss_coef: float = 0.01
     image_position_embedding: Literal["none", "2d"] = "none"
     image_after_question: bool = False
+    object_tokens: int = 0
+    object_context_grid: int = 3
 
 
 @dataclass
@@ -397,7 +403,9 @@ def demo_model_config(cfg: DemoModel, tokenizer) -> skymoe.SkyMoEConfig:
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,  # a 4-layer tower has no spare layer to skip
         router_aux_loss_coef=cfg.aux_loss_coef, image_position_embedding=cfg.image_position_embedding,
-        image_after_question=cfg.image_after_question,
+        image_after_question=cfg.image_after_question, object_tokens=cfg.object_tokens,
+        object_classes=len(_object_classes()) if cfg.object_tokens else 0,
+        object_context_grid=cfg.object_context_grid,
     )
 
 
@@ -813,6 +821,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if cfg.training.budget_minutes <= 0:
         print(f"error: --budget-minutes must be > 0, got {cfg.training.budget_minutes}", file=sys.stderr)
+        return 2
+    if cfg.model.object_tokens and (cfg.training.vision_share <= 0 or cfg.training.vision_centre_loss != "heatmap"
+                                    or cfg.training.language_trainable != "llm"):
+        print("error: model.object_tokens picks patches with Stage 0's centre heatmap: it needs training.vision_share "
+              "> 0, training.vision_centre_loss=heatmap and training.language_trainable=llm (a tower trained on by "
+              "the language stages would drift away from the heatmap)", file=sys.stderr)
         return 2
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="skymoe-demo-") as tmp:

@@ -363,10 +363,11 @@ def params_flops_report(model, processor, records: Sequence[InstructionRecord], 
     text_tokens = float(np.mean([len(processor.tokenizer(render_conversation(list(r.turns), False))["input_ids"]) - 1
                                  for r in records])) if records else 64.0
     seq = cfg.image_seq_length + text_tokens
-    patches = cfg.image_seq_length + 1
+    grid = cfg.image_grid_size**2  # the tower and projector see every patch, with object tokens too
+    patches = grid + 1
     vcfg, tcfg = cfg.vision_config, cfg.text_config
     flops = (2 * _weights(vision) * patches + 4 * vcfg.num_hidden_layers * patches**2 * vcfg.hidden_size
-             + 2 * _weights(projector) * cfg.image_seq_length
+             + 2 * _weights(projector) * grid
              + 2 * lm_active * seq + 4 * tcfg.num_hidden_layers * seq**2 * tcfg.hidden_size)
     return {"total_params": _weights(model), "stage1_lora_trainable": lora,
             "stage2_trainable": stage2, "active_llm_params_per_token": int(lm_active),

@@ -35,7 +35,7 @@ def trainable_mask(model: torch.nn.Module, trainable: str) -> dict[str, bool]:
     """Which parameters train for a ``moe.trainable`` choice (pure: nothing is changed).
 
     - ``"llm"``: every language-model parameter (embeddings, attention, dense FFNs, experts,
-      routers, lm_head); the vision tower and projector stay frozen.
+      routers, lm_head); the vision tower, projector and object scorer stay frozen.
     - ``"moe"``: only routers and experts of the MoE layers.
     - ``"all"``: everything, vision tower and projector included.
 
@@ -55,7 +55,7 @@ def trainable_mask(model: torch.nn.Module, trainable: str) -> dict[str, bool]:
         elif trainable == "moe":
             mask[name] = id(param) in moe_params
         else:
-            mask[name] = "vision_tower" not in name and "multi_modal_projector" not in name
+            mask[name] = not any(part in name for part in ("vision_tower", "multi_modal_projector", "object_scorer"))
     return mask
 
 

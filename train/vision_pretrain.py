@@ -444,8 +444,7 @@ def _loader(samples: _PatchSamples, key_batches, workers: int) -> torch.utils.da
 def _image_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """The projected image tokens the language model reads, ``(batch, patches, text width)``."""
     dtype = model.model.multi_modal_projector.linear_1.weight.dtype
-    features = model.model.get_image_features(pixel_values=pixel_values.to(dtype)).pooler_output
-    return torch.stack(list(features))
+    return model.model.patch_tokens(pixel_values.to(dtype))
 
 
 def xyxy_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -660,4 +659,17 @@ def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabular
     report.seconds_per_step = report.seconds / (report.steps_done + timing_steps)
     report.held_out = _held_out_check(model, heads, samples, check_ids, workers, centre_loss, bf16)
     logger.info("stage 0 held-out check: %s", json.dumps(report.held_out))
+    if model.config.object_tokens:
+        _keep_centre_head(model, heads)
     return report
+
+
+@torch.no_grad()
+def _keep_centre_head(model, heads: PatchHeads) -> None:
+    """Copy the trained centre head into the model's ``object_scorer``, which picks its object tokens."""
+    scorer = model.model.object_scorer
+    if scorer.out_features != heads.k:
+        raise ValueError(f"the model's object_scorer has {scorer.out_features} classes, Stage 0 trained {heads.k}: "
+                         "set object_classes to the number of object classes")
+    scorer.weight.copy_(heads.patch.weight[:heads.k])
+    scorer.bias.copy_(heads.patch.bias[:heads.k])
