@@ -127,6 +127,9 @@ def routing(session: Session, tile_text: str, heatmap_task: str,
             f"task **{heatmap_task}**: {len(layer_ids)} MoE layers (rows) x {heatmaps.shape[1]} experts (columns). "
             "Brighter = more of that region's image patches went to the expert (top-k). Below: expert load "
             "per task on this tile.")
+    if loaded.model.config.object_tokens:
+        note += (" This model reads only the patches where it detects objects (object tokens); the other "
+                 "patches stay dark.")
     session = session.replace(map=session.map.replace(selected=tile.tile_id))
     return (expert_heatmap_figure(image, heatmaps, layer_ids), expert_load_figure(loads), note,
             session, map_value(session.map))

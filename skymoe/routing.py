@@ -121,7 +121,8 @@ class RoutingTrace:
         selected = (self.sample_index == sample) & (patches >= 0)
         if not bool(selected.any()):
             raise ValueError(
-                f"no image tokens recorded for sample {sample}: run a forward with pixel_values inside the trace"
+                f"no image tokens recorded for sample {sample}: run a forward with pixel_values inside the trace "
+                "(a model with object tokens records none for an image where no object was detected)"
             )
         cells = patches[selected] % (grid_h * grid_w)  # (n,) patch cell
         seen = torch.bincount(cells, minlength=grid_h * grid_w).clamp(min=1).float()  # (cells,)
