@@ -12,6 +12,8 @@ from a handful of object tokens but not from the full grid.
 Patch frames: patches are numbered row-major from the top-left, ``index = row * side + column``.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -21,7 +23,7 @@ __all__ = ["PEAK_THRESHOLD", "select_object_patches", "object_image_tokens"]
 PEAK_THRESHOLD = 0.3
 
 
-def select_object_patches(centre_logits: torch.Tensor, side: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def select_object_patches(centre_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` patches with the strongest centre peaks of each image.
 
     A peak is a patch whose probability for some class is the maximum of that class's 3 x 3
@@ -30,8 +32,7 @@ def select_object_patches(centre_logits: torch.Tensor, side: int, k: int) -> tup
     are always ``k`` of them; the chosen ones are returned in row-major order.
 
     Args:
-        centre_logits: ``(images, side * side, classes)`` centre heatmap logits.
-        side: patches per image side.
+        centre_logits: ``(images, side * side, classes)`` centre heatmap logits of a square grid.
         k: object slots per image, ``1 <= k <= side * side``.
 
     Returns:
@@ -39,8 +40,9 @@ def select_object_patches(centre_logits: torch.Tensor, side: int, k: int) -> tup
         ``(images, k)`` float32 peak strength of each (0 where the patch is not a peak).
     """
     images, patches, classes = centre_logits.shape
+    side = math.isqrt(patches)
     if patches != side * side:
-        raise ValueError(f"centre_logits has {patches} patches per image, not a {side} x {side} grid")
+        raise ValueError(f"centre_logits has {patches} patches per image, not a square grid")
     if not 1 <= k <= patches:
         raise ValueError(f"object_tokens must lie in [1, {patches}] for a {side} x {side} grid, got {k}")
     probs = torch.sigmoid(centre_logits.detach().float())  # (images, patches, classes)
@@ -70,8 +72,8 @@ def object_image_tokens(grid_tokens: torch.Tensor, centre_logits: torch.Tensor, 
         zeros).
     """
     images, patches, width = grid_tokens.shape
-    side = int(round(patches ** 0.5))
-    chosen, strength = select_object_patches(centre_logits, side, k)
+    chosen, strength = select_object_patches(centre_logits, k)
+    side = math.isqrt(patches)
     objects = grid_tokens.gather(1, chosen.unsqueeze(-1).expand(images, k, width))
     filled = strength > PEAK_THRESHOLD  # (images, k)
     objects = objects * filled.unsqueeze(-1).to(objects.dtype)

@@ -27,10 +27,10 @@ def test_peaks_come_first_strongest_first_then_in_row_major_order():
     # 4 x 4 grid; class 0 peaks at patch 5 (0.9) with a weaker neighbour at 6 (0.6, not a peak of
     # class 0); class 1 peaks at patch 6 (0.5, a peak of its own class) and at patch 15 (0.4)
     logits = _logits(4, 2, {(5, 0): 0.9, (6, 0): 0.6, (6, 1): 0.5, (15, 1): 0.4})
-    chosen, strength = select_object_patches(logits, side=4, k=2)
+    chosen, strength = select_object_patches(logits, k=2)
     assert chosen.tolist() == [[5, 6]]  # the two strongest peaks, patch 15 (0.4) left out
     assert strength[0].tolist() == pytest.approx([0.9, 0.5], abs=1e-5)  # 6 is class 1's peak, not class 0's shoulder
-    chosen, strength = select_object_patches(logits, side=4, k=4)
+    chosen, strength = select_object_patches(logits, k=4)
     assert {5, 6, 15} < set(chosen[0].tolist())  # the fourth slot: a background patch
     assert chosen[0].tolist() == sorted(chosen[0].tolist())
     assert sorted(strength[0].tolist(), reverse=True)[:3] == pytest.approx([0.9, 0.5, 0.4], abs=1e-5)

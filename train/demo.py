@@ -681,11 +681,31 @@ phrasings are those of the generator. Expect nothing useful on real imagery.
 # ----------------------------------------------------------------------------- the recipe
 
 
+def check_object_tokens(cfg: DemoConfig) -> None:
+    """Object tokens are picked by Stage 0's centre heatmap from a tower that must then stay as it is.
+
+    Raises:
+        ConfigError: ``model.object_tokens`` without Stage 0, its heatmap centre loss or
+            ``training.language_trainable: llm``.
+    """
+    t = cfg.training
+    if cfg.model.object_tokens and (t.vision_share <= 0 or t.vision_centre_loss != "heatmap"
+                                    or t.language_trainable != "llm"):
+        raise ConfigError("model.object_tokens picks patches with Stage 0's centre heatmap: it needs "
+                          "training.vision_share > 0, training.vision_centre_loss=heatmap and "
+                          "training.language_trainable=llm (a tower trained on by the language stages would "
+                          "drift away from the heatmap)")
+
+
 def run_demo(cfg: DemoConfig, out_dir: Path, work_dir: Path, config_file: str | Path = DEFAULT_CONFIG) -> dict:
     """The whole recipe (module docstring); returns the training summary written beside the weights.
 
     ``config_file`` is only recorded (summary and card): ``cfg`` holds the settings.
+
+    Raises:
+        ConfigError: object tokens without what they need (:func:`check_object_tokens`).
     """
+    check_object_tokens(cfg)
     start = time.monotonic()
     budget_s = cfg.training.budget_minutes * 60
     if cfg.training.threads:
@@ -816,17 +836,12 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"seed={args.seed}")
     try:
         cfg = load_config(args.config, DemoConfig, overrides)
+        check_object_tokens(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if cfg.training.budget_minutes <= 0:
         print(f"error: --budget-minutes must be > 0, got {cfg.training.budget_minutes}", file=sys.stderr)
-        return 2
-    if cfg.model.object_tokens and (cfg.training.vision_share <= 0 or cfg.training.vision_centre_loss != "heatmap"
-                                    or cfg.training.language_trainable != "llm"):
-        print("error: model.object_tokens picks patches with Stage 0's centre heatmap: it needs training.vision_share "
-              "> 0, training.vision_centre_loss=heatmap and training.language_trainable=llm (a tower trained on by "
-              "the language stages would drift away from the heatmap)", file=sys.stderr)
         return 2
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="skymoe-demo-") as tmp:
