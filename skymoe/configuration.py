@@ -87,6 +87,11 @@ class SkyMoEConfig(LlavaConfig):
             ``object_classes`` and the ``"default"`` feature strategy.
         object_classes: Classes of the centre heatmap head (0 without object tokens).
         object_context_grid: Pooled context tokens per side with object tokens.
+        object_codes: With object tokens, add to each one its detection (class and colour
+            probabilities, box corner codes from the ``object_box_head`` and
+            ``object_colour_head``) through a learned ``object_code_projection``
+            (:func:`skymoe.object_tokens.detection_features`). Needs ``object_colours``.
+        object_colours: Classes of the colour head (0 without object codes).
     """
 
     model_type = "skymoe"
@@ -122,6 +127,8 @@ class SkyMoEConfig(LlavaConfig):
     object_tokens: int = 0
     object_classes: int = 0
     object_context_grid: int = 3
+    object_codes: bool = False
+    object_colours: int = 0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -190,6 +197,12 @@ class SkyMoEConfig(LlavaConfig):
                 )
         if self.object_tokens:
             self._check_object_fields()
+        if self.object_codes and (not self.object_tokens or self.object_colours < 1):
+            raise SkyMoEConfigError(
+                "object_codes adds each object token's detection: it needs object_tokens > 0 and "
+                f"object_colours >= 1 (the colour head's classes), got object_tokens={self.object_tokens}, "
+                f"object_colours={self.object_colours}"
+            )
         if self.num_tasks < 1:
             raise SkyMoEConfigError(f"num_tasks must be >= 1, got {self.num_tasks}")
         if self.vision_config.image_size % self.vision_config.patch_size:

@@ -30,13 +30,14 @@ logger = logging.getLogger(__name__)
 
 Quant = Literal["4bit", "8bit", "none"]
 
-#: Module-name patterns bitsandbytes leaves unquantized: routers, vision tower, projector, object
-#: scorer (it picks the object tokens), LM head.
+#: Module-name patterns bitsandbytes leaves unquantized: routers, vision tower, projector, the
+#: object-token modules (the scorer picks the object tokens; the detection heads and the code
+#: projection are a few small layers whose input widths are not multiples of 64), LM head.
 QUANT_SKIP_MODULES = [
     r"model\.language_model\.layers\.\d+\.mlp\.router",
     "model.vision_tower",
     "model.multi_modal_projector",
-    "model.object_scorer",
+    r"model\.object_\w+",
     "lm_head",
 ]
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -11,6 +11,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, LlamaModel
 from transformers import initialization as init
@@ -28,7 +29,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration import SkyMoEConfig
 from .moe import SkyMoESparseBlock, SkyMoETaskBias, load_balancing_loss, record_router_outputs
-from .object_tokens import object_image_tokens
+from .object_tokens import detection_feature_width, detection_features, object_image_tokens
 from .position_codes import patch_grid_codes
 
 __all__ = [
@@ -171,8 +172,14 @@ class SkyMoEModel(SkyMoEPreTrainedModel, LlavaModel):
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = SkyMoEMultiModalProjector(config)
         self.language_model = SkyMoETextModel(config)
+        width = config.text_config.hidden_size
         if config.object_tokens:
-            self.object_scorer = nn.Linear(config.text_config.hidden_size, config.object_classes)
+            self.object_scorer = nn.Linear(width, config.object_classes)
+        if config.object_codes:
+            self.object_box_head = nn.Linear(width, 4)
+            self.object_colour_head = nn.Linear(width, config.object_colours)
+            self.object_code_projection = nn.Linear(
+                detection_feature_width(config.object_classes, config.object_colours), width, bias=False)
         # (images, image_seq_length) patch of each image token of the last forward with images,
         # -1 for context tokens (object tokens only; skymoe.capture_routing reads it)
         self.last_image_patches: torch.Tensor | None = None
@@ -184,14 +191,29 @@ class SkyMoEModel(SkyMoEPreTrainedModel, LlavaModel):
 
     def get_image_features(self, pixel_values: torch.Tensor, *args, **kwargs):
         """Llava's image features; with ``object_tokens`` the context and object tokens instead
-        (:func:`skymoe.object_tokens.object_image_tokens`)."""
+        (:func:`skymoe.object_tokens.object_image_tokens`), with ``object_codes`` plus each
+        object's projected detection."""
         outputs = super().get_image_features(pixel_values, *args, **kwargs)
         if self.config.object_tokens:
             grid = torch.stack(list(outputs.pooler_output))
+            centre_logits = self.object_scorer(grid)
             tokens, self.last_image_patches = object_image_tokens(
-                grid, self.object_scorer(grid), self.config.object_tokens, self.config.object_context_grid)
+                grid, centre_logits, self.config.object_tokens, self.config.object_context_grid)
+            if self.config.object_codes:
+                tokens = tokens + self._detection_tokens(grid, centre_logits, self.last_image_patches)
             outputs.pooler_output = list(tokens)
         return outputs
+
+    def _detection_tokens(self, grid: torch.Tensor, centre_logits: torch.Tensor,
+                          token_patches: torch.Tensor) -> torch.Tensor:
+        """``(images, image_seq_length, width)``: each filled object slot's projected detection, zeros elsewhere."""
+        slots = token_patches[:, self.config.object_context_grid ** 2:]
+        with torch.no_grad():  # a reading of the detector heads: it trains neither them nor the tower
+            features = detection_features(centre_logits, self.object_box_head(grid), self.object_colour_head(grid),
+                                          slots.clamp(min=0))
+        codes = self.object_code_projection(features.to(self.object_code_projection.weight.dtype))
+        codes = codes * (slots >= 0).unsqueeze(-1).to(codes.dtype)
+        return F.pad(codes, (0, 0, self.config.object_context_grid ** 2, 0))
 
 
 class SkyMoEForConditionalGeneration(SkyMoEPreTrainedModel, LlavaForConditionalGeneration):

@@ -9,7 +9,15 @@ centre peaks, in row-major patch order. Slots no peak above :data:`PEAK_THRESHOL
 zero token. The train/README's oracle runs found the language model learns to find and copy
 from a handful of object tokens but not from the full grid.
 
+With ``object_codes`` each object token also carries its detection, spelled the way the oracle
+runs spelled it (train/README.md, "Oracle image tokens"): the patch's class probabilities, colour
+probabilities and sine/cosine codes of its box corners on the 0-100 answer grid, read off the
+tower's token by Stage 0's centre, colour and box heads and projected into the language model's
+width by a learned map (:func:`detection_features`). A box corner is then one linear map away.
+
 Patch frames: patches are numbered row-major from the top-left, ``index = row * side + column``.
+Box head values, per patch: the object centre's offset inside the patch (x right, y down, in
+patches, 0-1) and the box's natural-log width and height in patches.
 """
 
 import math
@@ -17,10 +25,21 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PEAK_THRESHOLD", "select_object_patches", "object_image_tokens"]
+from .position_codes import sincos_codes
+
+__all__ = ["PEAK_THRESHOLD", "CORNER_CODE_WIDTH", "DETECTOR_MODULES", "select_object_patches",
+           "object_image_tokens", "box_corners_on_grid", "detection_features", "detection_feature_width"]
 
 #: Centre probability a peak must pass to fill an object slot (the Stage 0 check's detection threshold).
 PEAK_THRESHOLD = 0.3
+
+#: Sine/cosine values per box corner in the detection features (wavelengths 4 to 400 grid units,
+#: as the coordinate tokens' own codes: neighbouring grid values stay apart, the image is spanned).
+CORNER_CODE_WIDTH = 16
+
+#: ``SkyMoEModel`` modules that detect objects (Stage 0's heads, frozen afterwards); the learned
+#: ``object_code_projection`` is not one of them: it belongs to the language model.
+DETECTOR_MODULES = ("object_scorer", "object_box_head", "object_colour_head")
 
 
 def select_object_patches(centre_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,3 +101,55 @@ def object_image_tokens(grid_tokens: torch.Tensor, centre_logits: torch.Tensor, 
     index = torch.cat([torch.full((images, context_grid ** 2), -1, dtype=torch.long, device=chosen.device),
                        torch.where(filled, chosen, torch.full_like(chosen, -1))], dim=1)
     return torch.cat([context, objects], dim=1), index
+
+
+def box_corners_on_grid(box: torch.Tensor, patches: torch.Tensor, side: int) -> torch.Tensor:
+    """Box corners, on the 0-100 answer grid, of box head values at the given patches.
+
+    Args:
+        box: ``(..., 4)`` box head values (centre offset in the patch, log width and height in patches).
+        patches: ``(...)`` row-major patch index of each.
+        side: patches per side of the grid.
+
+    Returns:
+        ``(..., 4)`` float32 ``(x1, y1, x2, y2)``, clamped to the image, 0-100.
+    """
+    box = box.float()
+    centre_x = patches % side + box[..., 0]
+    centre_y = torch.div(patches, side, rounding_mode="floor") + box[..., 1]
+    half = box[..., 2:].clamp(max=math.log(side)).exp() / 2  # (..., 2): half width, half height
+    corners = torch.stack([centre_x - half[..., 0], centre_y - half[..., 1],
+                           centre_x + half[..., 0], centre_y + half[..., 1]], dim=-1)
+    return corners.clamp(0.0, float(side)) * (100.0 / side)
+
+
+def detection_feature_width(classes: int, colours: int) -> int:
+    """Width of :func:`detection_features`' output."""
+    return classes + colours + 4 * CORNER_CODE_WIDTH
+
+
+def detection_features(centre_logits: torch.Tensor, box: torch.Tensor, colour_logits: torch.Tensor,
+                       patches: torch.Tensor) -> torch.Tensor:
+    """What Stage 0's heads detect at the given patches, as features for the object tokens.
+
+    Args:
+        centre_logits: ``(images, side * side, classes)`` centre heatmap logits.
+        box: ``(images, side * side, 4)`` box head values.
+        colour_logits: ``(images, side * side, colours)`` colour logits.
+        patches: ``(images, k)`` patch of each object slot (any valid index for empty slots,
+            whose features the caller zeroes).
+
+    Returns:
+        ``(images, k, classes + colours + 4 * CORNER_CODE_WIDTH)`` float32: class probabilities
+        (sigmoid of the heatmap), colour probabilities (softmax), then the codes of ``x1, y1, x2, y2``.
+    """
+    images, k = patches.shape
+    side = math.isqrt(centre_logits.shape[1])
+
+    def at_patches(values: torch.Tensor) -> torch.Tensor:
+        return values.float().gather(1, patches.unsqueeze(-1).expand(images, k, values.shape[-1]))
+
+    corners = box_corners_on_grid(at_patches(box), patches, side)
+    codes = sincos_codes(corners.flatten(), CORNER_CODE_WIDTH, 4.0, 400.0)
+    return torch.cat([torch.sigmoid(at_patches(centre_logits)), torch.softmax(at_patches(colour_logits), dim=-1),
+                      codes.reshape(images, k, 4 * CORNER_CODE_WIDTH)], dim=-1)

@@ -22,7 +22,8 @@ def sincos_codes(positions: torch.Tensor, dim: int, min_wavelength: float, max_w
     """
     if dim % 2:
         raise ValueError(f"sincos_codes needs an even width, got {dim}")
-    wavelengths = torch.logspace(math.log10(min_wavelength), math.log10(max_wavelength), dim // 2)
+    wavelengths = torch.logspace(math.log10(min_wavelength), math.log10(max_wavelength), dim // 2,
+                                 device=positions.device)
     angles = 2 * math.pi * positions.float()[:, None] / wavelengths[None, :]
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 

@@ -9,10 +9,13 @@ import torch
 import skymoe
 from skymoe import SkyMoEForConditionalGeneration, capture_routing, tiny_config
 from skymoe.errors import SkyMoEConfigError
-from skymoe.object_tokens import PEAK_THRESHOLD, object_image_tokens, select_object_patches
+from skymoe.object_tokens import (CORNER_CODE_WIDTH, PEAK_THRESHOLD, box_corners_on_grid, detection_features,
+                                   object_image_tokens, select_object_patches)
+from skymoe.position_codes import sincos_codes
 from skymoe.presets import make_tiny_checkpoint
 
 OBJECTS = {"object_tokens": 4, "object_classes": 3, "object_context_grid": 2}  # 16 patches -> 4 + 4 tokens
+CODES = {**OBJECTS, "object_codes": True, "object_colours": 5}
 
 
 def _logits(side: int, classes: int, peaks: dict[tuple[int, int], float]) -> torch.Tensor:
@@ -109,11 +112,12 @@ def test_checkpoint_round_trip_processor_expands_to_the_object_tokens(object_che
     assert len(answers) == 2
 
 
-def test_upcycling_keeps_the_object_scorer():
-    dense = SkyMoEForConditionalGeneration(tiny_config(num_experts=1, moe_layers=[], **OBJECTS))
+def test_upcycling_keeps_the_object_modules():
+    dense = SkyMoEForConditionalGeneration(tiny_config(num_experts=1, moe_layers=[], **CODES))
     upcycled = skymoe.upcycle(dense, 4)
-    assert upcycled.config.image_seq_length == 8 and upcycled.config.is_moe
-    assert torch.equal(upcycled.model.object_scorer.weight, dense.model.object_scorer.weight)
+    assert upcycled.config.image_seq_length == 8 and upcycled.config.is_moe and upcycled.config.object_codes
+    for name in ("object_scorer", "object_box_head", "object_colour_head", "object_code_projection"):
+        assert torch.equal(getattr(upcycled.model, name).weight, getattr(dense.model, name).weight), name
 
 
 def test_routing_heatmaps_put_object_tokens_on_their_patches(object_checkpoint):
@@ -138,17 +142,96 @@ def test_demo_cli_refuses_object_tokens_without_a_frozen_tower(tmp_path, capsys)
     code = main(["--out", str(tmp_path / "o"), "--set", "model.object_tokens=32"])
     assert code == 2 and "language_trainable=llm" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    code = main(["--out", str(tmp_path / "o"), "--set", "model.object_codes=true"])
+    assert code == 2 and "set model.object_tokens > 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
-def test_stage2_llm_choice_keeps_the_object_scorer_frozen():
+def test_stage2_llm_choice_keeps_the_detector_frozen_and_trains_the_code_projection():
     from train.stage2 import trainable_mask
 
-    mask = trainable_mask(SkyMoEForConditionalGeneration(tiny_config(**OBJECTS)), "llm")
-    assert not mask["model.object_scorer.weight"] and mask["lm_head.weight"]
+    mask = trainable_mask(SkyMoEForConditionalGeneration(tiny_config(**CODES)), "llm")
+    assert not any(mask[f"model.{head}.weight"] for head in ("object_scorer", "object_box_head", "object_colour_head"))
+    assert mask["model.object_code_projection.weight"] and mask["lm_head.weight"]
     assert json.dumps(tiny_config(**OBJECTS).to_dict()["object_tokens"]) == "4"
 
 
-def test_4bit_loading_leaves_the_object_scorer_unquantized(object_checkpoint):
-    model, _ = skymoe.load_model(object_checkpoint, quant="4bit")
-    assert type(model.model.object_scorer) is torch.nn.Linear
-    assert model.model.object_scorer.weight.dtype == torch.float32
+@pytest.fixture(scope="module")
+def code_checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("codes") / "tiny", seed=6, **CODES)
+
+
+def test_4bit_loading_leaves_the_object_modules_unquantized(code_checkpoint):
+    model, processor = skymoe.load_model(code_checkpoint, quant="4bit")
+    for name in ("object_scorer", "object_box_head", "object_colour_head", "object_code_projection"):
+        module = getattr(model.model, name)
+        assert type(module) is torch.nn.Linear and module.weight.dtype == torch.float32, name
+    answers = skymoe.generate(model, processor, [np.zeros((56, 56, 3), np.uint8)], [skymoe.build_prompt("caption")],
+                              max_new_tokens=2)
+    assert len(answers) == 1
+
+
+def test_box_corners_on_the_answer_grid():
+    # 4 x 4 grid (25 grid units a patch): patch 6 is row 1, column 2; centre at its middle,
+    # 1 patch wide, 2 patches tall -> x 2..3, y 0.5..2.5 patches
+    box = torch.tensor([0.5, 0.5, 0.0, np.log(2.0)])
+    assert box_corners_on_grid(box, torch.tensor(6), 4).tolist() == pytest.approx([50.0, 12.5, 75.0, 62.5])
+    # patch 15 (row 3, column 3): a huge log size is capped at the image side (4 patches), then
+    # the box is clamped to the image: x 1.9..5.9 -> 1.9..4, y 2.85..3.35 patches
+    wide = torch.tensor([[0.9, 0.1, 50.0, np.log(0.5)]])
+    assert box_corners_on_grid(wide, torch.tensor([15]), 4).tolist() == [pytest.approx([47.5, 71.25, 100.0, 83.75])]
+
+
+def test_detection_features_read_class_colour_and_box_at_the_slot_patches():
+    side, classes, colours = 4, 3, 5
+    centre = torch.randn(2, side * side, classes)
+    colour = torch.randn(2, side * side, colours)
+    box = torch.rand(2, side * side, 4) - torch.tensor([0.0, 0.0, 0.5, 0.5])
+    slots = torch.tensor([[3, 9], [0, 15]])
+    features = detection_features(centre, box, colour, slots)
+    assert features.shape == (2, 2, classes + colours + 4 * CORNER_CODE_WIDTH)
+    for image in range(2):
+        for slot in range(2):
+            patch = slots[image, slot]
+            row = features[image, slot]
+            assert torch.allclose(row[:classes], torch.sigmoid(centre[image, patch]))
+            assert torch.allclose(row[classes:classes + colours], torch.softmax(colour[image, patch], dim=0))
+            corners = box_corners_on_grid(box[image, patch], patch, side)
+            expected = sincos_codes(corners, CORNER_CODE_WIDTH, 4.0, 400.0).flatten()
+            assert torch.allclose(row[classes + colours:], expected, atol=1e-6)
+
+
+def test_object_codes_add_the_projected_detection_to_filled_object_slots_only():
+    torch.manual_seed(0)
+    model = SkyMoEForConditionalGeneration(tiny_config(**CODES)).eval()
+    with torch.no_grad():  # one strong centre (patch 5): one filled slot of the four
+        model.model.object_scorer.weight.zero_()
+        model.model.object_scorer.bias.fill_(-9.0)
+    pixels = torch.randn(1, 3, 56, 56)
+    grid = model.model.patch_tokens(pixels).detach()
+    boost = torch.full((1, 16, 3), -9.0)
+    boost[0, 5, 1] = 3.0
+    model.model.object_scorer.register_forward_hook(lambda module, args, out: out + (boost + 9.0))
+    plain, patches = object_image_tokens(grid, boost, 4, 2)
+    features = torch.stack(list(model.model.get_image_features(pixel_values=pixels).pooler_output))
+    filled = [slot for slot in range(4) if patches[0, 4 + slot] >= 0]
+    assert [patches[0, 4 + slot].item() for slot in filled] == [5]
+    detection = detection_features(boost, model.model.object_box_head(grid), model.model.object_colour_head(grid),
+                                   torch.tensor([[5]]))
+    expected = plain.clone()
+    expected[0, 4 + filled[0]] += model.model.object_code_projection(detection)[0, 0]
+    assert torch.allclose(features, expected.detach(), atol=1e-5)  # context and empty slots unchanged
+    # the projection learns; the detector heads, read without gradients, do not
+    ids = torch.full((1, 12), 5)
+    ids[:, 1:9] = model.config.image_token_index
+    model(input_ids=ids, pixel_values=pixels, labels=ids).loss.backward()
+    assert model.model.object_code_projection.weight.grad.abs().sum() > 0
+    assert model.model.object_box_head.weight.grad is None and model.model.object_colour_head.weight.grad is None
+
+
+def test_config_rejects_object_codes_without_object_tokens_or_colours():
+    with pytest.raises(SkyMoEConfigError, match="object_codes"):
+        tiny_config(object_codes=True, object_colours=5)
+    with pytest.raises(SkyMoEConfigError, match="object_colours"):
+        tiny_config(**OBJECTS, object_codes=True)
+    assert tiny_config(**CODES).image_seq_length == 8  # the codes add to the tokens, not to their number

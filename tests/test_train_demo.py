@@ -16,6 +16,7 @@ from train.box_attention import BoxAttentionSettings
 from train.dataset import IGNORE_INDEX, InstructionRecord, encode_sample, read_instruction_jsonl
 from train.demo import DemoConfig, DemoData, DemoModel, DemoTraining, main, pack_conversation, run_demo
 from train.instructions import make_sample
+from train.synthetic.classes import COLOURS
 
 TINY_MODEL = DemoModel(image_size=56, patch_size=28, vision_hidden=64, vision_layers=1, vision_heads=2,
                        text_hidden=64, text_intermediate=128, text_layers=2, text_heads=1, bpe_vocab=300,
@@ -203,8 +204,8 @@ def test_training_data_are_the_same_whichever_worker_builds_a_scene(tmp_path):
     assert '"augmentation"' in outputs[0][1]  # CDA variants were built in the workers too
 
 
-def test_demo_recipe_with_object_tokens_hands_stage_0s_centre_head_to_the_model(tmp_path):
-    cfg = DemoConfig(seed=4, model=replace(TINY_MODEL, object_tokens=2, object_context_grid=1),
+def test_demo_recipe_with_object_codes_hands_stage_0s_heads_to_the_model(tmp_path):
+    cfg = DemoConfig(seed=4, model=replace(TINY_MODEL, object_tokens=2, object_context_grid=1, object_codes=True),
                      data=DemoData(scenes=4, cda_share=0.0, val_scenes=1, workers=1),
                      training=DemoTraining(budget_minutes=0.2, micro_batch=2, global_batch=2, chunk_minutes=0.05,
                                            max_length=512, language_trainable="llm"))
@@ -212,6 +213,7 @@ def test_demo_recipe_with_object_tokens_hands_stage_0s_centre_head_to_the_model(
     run_demo(cfg, out, tmp_path / "work")
     config = json.loads((out / "config.json").read_text())
     assert config["object_tokens"] == 2 and config["image_seq_length"] == 1 + 2 and config["object_classes"] == 10
+    assert config["object_codes"] and config["object_colours"] == len(COLOURS)
     model, processor = skymoe.load_model(out, quant="none")
     assert processor.image_seq_length == 3
     with safe_open(out / "model.safetensors", "pt") as fh:

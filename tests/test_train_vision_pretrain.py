@@ -12,7 +12,7 @@ import torch
 import skymoe
 from train.demo import (DemoData, DemoModel, _conversation_texts, _patch_vocabulary, build_demo_model,
                         build_training_data)
-from train.vision_pretrain import (HEATMAP_SIGMA, PatchHeads, _flipped, _stack, centre_box_iou, centre_heatmap,
+from train.vision_pretrain import (HEATMAP_SIGMA, PatchHeads, _flipped, _keep_detector_heads, _stack, centre_box_iou, centre_heatmap,
                                    centre_peaks, centre_probability, head_losses, heatmap_focal_loss, patch_targets,
                                    pretrain_vision, read_object_annotations, word_directions, xyxy_iou)
 
@@ -93,6 +93,29 @@ def test_cover_and_colour_logits_read_the_word_directions():
     assert int(out["cover"].argmax()) == truck and int(out["colour"].argmax()) == red
     with pytest.raises(ValueError, match="word directions"):
         PatchHeads(64, VOCAB, 3, names[:-1])
+
+
+def test_stage0_hands_its_centre_box_and_colour_heads_to_an_object_code_model():
+    k, c = len(VOCAB.object_classes), len(VOCAB.colours)
+    generator = torch.Generator().manual_seed(1)
+    names = torch.nn.functional.normalize(torch.randn(k + c, 64, generator=generator), dim=-1)
+    heads = PatchHeads(64, VOCAB, 4, names)
+    with torch.no_grad():  # trained-looking heads: scales and offsets away from their init
+        heads.name_scale.uniform_(0.5, 3.0, generator=generator)
+        heads.name_bias.uniform_(-1.0, 1.0, generator=generator)
+    model = skymoe.SkyMoEForConditionalGeneration(skymoe.tiny_config(
+        object_tokens=4, object_classes=k, object_codes=True, object_colours=c))
+    _keep_detector_heads(model, heads)
+    tokens = torch.randn(2, 16, 64, generator=generator)
+    with torch.no_grad():
+        out = heads(tokens)
+        assert torch.allclose(model.model.object_scorer(tokens), out["centres"], atol=1e-5)
+        assert torch.allclose(model.model.object_box_head(tokens), out["box"], atol=1e-5)
+        assert torch.allclose(model.model.object_colour_head(tokens), out["colour"], atol=1e-5)
+    wrong = skymoe.SkyMoEForConditionalGeneration(skymoe.tiny_config(
+        object_tokens=4, object_classes=k, object_codes=True, object_colours=c + 1))
+    with pytest.raises(ValueError, match="object_colours"):
+        _keep_detector_heads(wrong, heads)
 
 
 def test_box_weight_scales_the_box_term_only():

@@ -116,6 +116,9 @@ class DemoModel:
             tokens and the K patches where Stage 0's centre heatmap peaks instead of every
             patch (``skymoe.SkyMoEConfig``; needs Stage 0 with the heatmap centre loss and
             ``training.language_trainable: llm``, which keeps the tower as the heatmap knows it).
+        object_codes: with object tokens, each also carries its detection from Stage 0's
+            centre, colour and box heads (class and colour probabilities, box corner codes)
+            through a learned projection (``skymoe.SkyMoEConfig.object_codes``).
     """
 
     image_size: int = 504
@@ -135,6 +138,7 @@ class DemoModel:
     image_after_question: bool = False
     object_tokens: int = 0
     object_context_grid: int = 3
+    object_codes: bool = False
 
 
 @dataclass
@@ -405,7 +409,8 @@ def demo_model_config(cfg: DemoModel, tokenizer) -> skymoe.SkyMoEConfig:
         router_aux_loss_coef=cfg.aux_loss_coef, image_position_embedding=cfg.image_position_embedding,
         image_after_question=cfg.image_after_question, object_tokens=cfg.object_tokens,
         object_classes=len(_object_classes()) if cfg.object_tokens else 0,
-        object_context_grid=cfg.object_context_grid,
+        object_context_grid=cfg.object_context_grid, object_codes=cfg.object_codes,
+        object_colours=len(_patch_vocabulary().colours) if cfg.object_codes else 0,
     )
 
 
@@ -631,6 +636,11 @@ def _summary_card(cfg: DemoConfig, summary: dict) -> str:
                        f"class words to their patches (query and key rows scaled {cfg.training.word_match_scale:g}); "
                        "Stage 0 aligned each class's patches with that head's key direction for the class."
                        if cfg.training.word_match_scale > 0 else "")
+    image_tokens = f"{(m.image_size // m.patch_size) ** 2} image tokens"
+    if m.object_tokens:
+        image_tokens = (f"of which the language model reads {m.object_context_grid ** 2} pooled context tokens and "
+                        f"the {m.object_tokens} patches where Stage 0's centre heatmap peaks"
+                        + (", each with its detection code (class, colour, box corners)" if m.object_codes else ""))
     trained = ("all parameters" if cfg.training.language_trainable == "all"
                else "the language model (tower and projector frozen after Stage 0)")
     phases = "\n".join(f"| {p['name']} | {p['conversations']} | {p['steps_done']} / {p['steps_planned']} | "
@@ -645,7 +655,7 @@ scenes (`train.synthetic`) and is **not** a remote-sensing model for real imager
 
 ## Model
 - CLIP-architecture vision tower: {m.vision_layers} layers, width {m.vision_hidden}, {m.image_size} px input,
-  {m.patch_size} px patches ({(m.image_size // m.patch_size) ** 2} image tokens), last layer's features.
+  {m.patch_size} px patches ({image_tokens}), last layer's features.
 - LLaVA 2-layer MLP projector; Llama decoder: {m.text_layers} layers, width {m.text_hidden}, MLP {m.text_intermediate}.
 - MoE: {m.num_experts} experts, top-{m.top_k}, on decoder layers {summary['moe_layers']} (upcycled), alpha = {m.aux_loss_coef}.
 - Tokenizer: byte-level BPE ({summary['vocab']} ids) trained on the training conversations, with the box
@@ -686,9 +696,11 @@ def check_object_tokens(cfg: DemoConfig) -> None:
 
     Raises:
         ConfigError: ``model.object_tokens`` without Stage 0, its heatmap centre loss or
-            ``training.language_trainable: llm``.
+            ``training.language_trainable: llm``; ``model.object_codes`` without object tokens.
     """
     t = cfg.training
+    if cfg.model.object_codes and not cfg.model.object_tokens:
+        raise ConfigError("model.object_codes describes object tokens: set model.object_tokens > 0 as well")
     if cfg.model.object_tokens and (t.vision_share <= 0 or t.vision_centre_loss != "heatmap"
                                     or t.language_trainable != "llm"):
         raise ConfigError("model.object_tokens picks patches with Stage 0's centre heatmap: it needs "

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 import skymoe
+from skymoe.object_tokens import DETECTOR_MODULES
 from train.config import MoESettings, Stage2Config
 from train.loop import TrainResult
 from train.stage1 import run_training, save_model_folder, stage_cli
@@ -35,7 +36,8 @@ def trainable_mask(model: torch.nn.Module, trainable: str) -> dict[str, bool]:
     """Which parameters train for a ``moe.trainable`` choice (pure: nothing is changed).
 
     - ``"llm"``: every language-model parameter (embeddings, attention, dense FFNs, experts,
-      routers, lm_head); the vision tower, projector and object scorer stay frozen.
+      routers, lm_head, the object-code projection); the vision tower, projector and object
+      detector heads (``skymoe.object_tokens.DETECTOR_MODULES``) stay frozen.
     - ``"moe"``: only routers and experts of the MoE layers.
     - ``"all"``: everything, vision tower and projector included.
 
@@ -55,7 +57,7 @@ def trainable_mask(model: torch.nn.Module, trainable: str) -> dict[str, bool]:
         elif trainable == "moe":
             mask[name] = id(param) in moe_params
         else:
-            mask[name] = not any(part in name for part in ("vision_tower", "multi_modal_projector", "object_scorer"))
+            mask[name] = not any(part in name for part in ("vision_tower", "multi_modal_projector", *DETECTOR_MODULES))
     return mask
 
 

@@ -660,16 +660,31 @@ def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabular
     report.held_out = _held_out_check(model, heads, samples, check_ids, workers, centre_loss, bf16)
     logger.info("stage 0 held-out check: %s", json.dumps(report.held_out))
     if model.config.object_tokens:
-        _keep_centre_head(model, heads)
+        _keep_detector_heads(model, heads)
     return report
 
 
 @torch.no_grad()
-def _keep_centre_head(model, heads: PatchHeads) -> None:
-    """Copy the trained centre head into the model's ``object_scorer``, which picks its object tokens."""
+def _keep_detector_heads(model, heads: PatchHeads) -> None:
+    """Copy the trained centre head into the model's ``object_scorer``, which picks its object
+    tokens, and, for a model with ``object_codes``, the box and colour heads into
+    ``object_box_head`` and ``object_colour_head``, which describe them."""
     scorer = model.model.object_scorer
     if scorer.out_features != heads.k:
         raise ValueError(f"the model's object_scorer has {scorer.out_features} classes, Stage 0 trained {heads.k}: "
                          "set object_classes to the number of object classes")
     scorer.weight.copy_(heads.patch.weight[:heads.k])
     scorer.bias.copy_(heads.patch.bias[:heads.k])
+    if not model.config.object_codes:
+        return
+    colour_head = model.model.object_colour_head
+    if colour_head.out_features != heads.c:
+        raise ValueError(f"the model's object_colour_head has {colour_head.out_features} colours, Stage 0 trained "
+                         f"{heads.c}: set object_colours to the number of colours")
+    box_rows = slice(heads.k, heads.k + 4)  # PatchHeads.sizes order: centres, box, ...
+    model.model.object_box_head.weight.copy_(heads.patch.weight[box_rows])
+    model.model.object_box_head.bias.copy_(heads.patch.bias[box_rows])
+    # PatchHeads.forward: colour logits = (token . colour word direction) * scale + bias
+    colours = slice(heads.k, heads.k + heads.c)
+    colour_head.weight.copy_(heads.names[colours] * heads.name_scale[colours, None])
+    colour_head.bias.copy_(heads.name_bias[colours])
