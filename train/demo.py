@@ -402,15 +402,16 @@ def demo_model_config(cfg: DemoModel, tokenizer) -> skymoe.SkyMoEConfig:
             "num_key_value_heads": cfg.text_heads, "vocab_size": -(-len(tokenizer) // 64) * 64,
             "max_position_embeddings": 1024, "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    vocab = _patch_vocabulary()  # the classes and colours Stage 0's heads, and so the object modules, predict
     return skymoe.tiny_config(
         vision_config=vision, text_config=text, num_experts=1, moe_layers=[],
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,  # a 4-layer tower has no spare layer to skip
         router_aux_loss_coef=cfg.aux_loss_coef, image_position_embedding=cfg.image_position_embedding,
         image_after_question=cfg.image_after_question, object_tokens=cfg.object_tokens,
-        object_classes=len(_object_classes()) if cfg.object_tokens else 0,
+        object_classes=len(vocab.object_classes) if cfg.object_tokens else 0,
         object_context_grid=cfg.object_context_grid, object_codes=cfg.object_codes,
-        object_colours=len(_patch_vocabulary().colours) if cfg.object_codes else 0,
+        object_colours=len(vocab.colours) if cfg.object_codes else 0,
     )
 
 
