@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from .position_codes import sincos_codes
 
 __all__ = ["PEAK_THRESHOLD", "CORNER_CODE_WIDTH", "DETECTOR_MODULES", "select_object_patches",
-           "object_image_tokens", "box_corners_on_grid", "detection_features", "detection_feature_width"]
+           "object_image_tokens", "box_head_xyxy", "box_corners_on_grid", "detection_features",
+           "detection_feature_width"]
 
 #: Centre probability a peak must pass to fill an object slot (the Stage 0 check's detection threshold).
 PEAK_THRESHOLD = 0.3
@@ -103,6 +104,13 @@ def object_image_tokens(grid_tokens: torch.Tensor, centre_logits: torch.Tensor, 
     return torch.cat([context, objects], dim=1), index
 
 
+def box_head_xyxy(centre: torch.Tensor, log_size: torch.Tensor) -> torch.Tensor:
+    """``(..., 4)`` float32 ``(x1, y1, x2, y2)`` of boxes given as the box head writes them: a centre
+    ``(..., 2)`` and a natural-log width and height ``(..., 2)``, both in patches (any origin)."""
+    half = log_size.float().exp() / 2
+    return torch.cat([centre.float() - half, centre.float() + half], dim=-1)
+
+
 def box_corners_on_grid(box: torch.Tensor, patches: torch.Tensor, side: int) -> torch.Tensor:
     """Box corners, on the 0-100 answer grid, of box head values at the given patches.
 
@@ -115,11 +123,8 @@ def box_corners_on_grid(box: torch.Tensor, patches: torch.Tensor, side: int) -> 
         ``(..., 4)`` float32 ``(x1, y1, x2, y2)``, clamped to the image, 0-100.
     """
     box = box.float()
-    centre_x = patches % side + box[..., 0]
-    centre_y = torch.div(patches, side, rounding_mode="floor") + box[..., 1]
-    half = box[..., 2:].clamp(max=math.log(side)).exp() / 2  # (..., 2): half width, half height
-    corners = torch.stack([centre_x - half[..., 0], centre_y - half[..., 1],
-                           centre_x + half[..., 0], centre_y + half[..., 1]], dim=-1)
+    patch_corner = torch.stack([patches % side, torch.div(patches, side, rounding_mode="floor")], dim=-1)
+    corners = box_head_xyxy(patch_corner + box[..., :2], box[..., 2:].clamp(max=math.log(side)))
     return corners.clamp(0.0, float(side)) * (100.0 / side)
 
 

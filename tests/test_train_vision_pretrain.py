@@ -12,9 +12,9 @@ import torch
 import skymoe
 from train.demo import (DemoData, DemoModel, _conversation_texts, _patch_vocabulary, build_demo_model,
                         build_training_data)
-from train.vision_pretrain import (HEATMAP_SIGMA, PatchHeads, _flipped, _keep_detector_heads, _stack, centre_box_iou, centre_heatmap,
-                                   centre_peaks, centre_probability, head_losses, heatmap_focal_loss, patch_targets,
-                                   pretrain_vision, read_object_annotations, word_directions, xyxy_iou)
+from train.vision_pretrain import (HEATMAP_SIGMA, PatchHeads, _flipped, _keep_detector_heads, _stack, centre_box_iou,
+                                   centre_heatmap, centre_peaks, centre_probability, head_losses, heatmap_focal_loss,
+                                   patch_targets, pretrain_vision, read_object_annotations, word_directions, xyxy_iou)
 
 VOCAB = _patch_vocabulary()
 

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
+from skymoe.object_tokens import box_head_xyxy
 from skymoe.tokenization import GRID_TOKENS
 from train.box_attention import box_patch_mask
 from train.loop import bf16_autocast, seconds_per_call_after_prefetch
@@ -216,6 +217,15 @@ class PatchHeads(nn.Module):
         self.sizes = {"centres": self.k, "box": 4, "row": side, "column": side, "corners": 4 * GRID_VALUES}
         self.patch = nn.Linear(width, sum(self.sizes.values()))
         self.scene = nn.Linear(width, len(vocab.scene_classes))
+
+    def rows(self, part: str) -> slice:
+        """The rows of ``patch`` (its weight and bias) that write the output ``part`` (a key of ``sizes``)."""
+        start = 0
+        for name, size in self.sizes.items():
+            if name == part:
+                return slice(start, start + size)
+            start += size
+        raise KeyError(f"PatchHeads has no linear output {part!r}; it has {list(self.sizes)}")
 
     def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """``tokens``: ``(batch, side * side, width)``; returns the head outputs by name
@@ -461,12 +471,8 @@ def centre_box_iou(box: torch.Tensor, truth: torch.Tensor, centre_offset: torch.
     ``centre_offset`` ``(2,)`` replaces the predicted offset (e.g. the patch middle, 0.5, 0.5):
     the IoU a box of the right size would reach knowing only which patch holds the centre.
     """
-    def xyxy(centre: torch.Tensor, log_size: torch.Tensor) -> torch.Tensor:
-        half = log_size.float().exp() / 2
-        return torch.cat([centre - half, centre + half], dim=1)
-
     centre = box[:, :2] if centre_offset is None else centre_offset.to(box).expand(len(box), 2)
-    return xyxy_iou(xyxy(centre.float(), box[:, 2:]), xyxy(truth[:, :2].float(), truth[:, 2:]))
+    return xyxy_iou(box_head_xyxy(centre, box[:, 2:]), box_head_xyxy(truth[:, :2], truth[:, 2:]))
 
 
 @torch.no_grad()
@@ -608,7 +614,7 @@ def pretrain_vision(model, processor, objects_jsonl: Path, vocab: PatchVocabular
                        None if class_directions is None else COVER_TEMPERATURE).to(device)
     if centre_loss == "heatmap":
         with torch.no_grad():  # CenterNet's prior: otherwise the empty patches' loss swamps the first steps
-            heads.patch.bias[:heads.k].fill_(CENTRE_PRIOR_LOGIT)
+            heads.patch.bias[heads.rows("centres")].fill_(CENTRE_PRIOR_LOGIT)
     params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
     optimizer = torch.optim.AdamW([*params, *heads.parameters()], lr=lr, weight_decay=0.0)
     samples = _PatchSamples(records, processor.image_processor, side, vocab)
@@ -673,17 +679,16 @@ def _keep_detector_heads(model, heads: PatchHeads) -> None:
     if scorer.out_features != heads.k:
         raise ValueError(f"the model's object_scorer has {scorer.out_features} classes, Stage 0 trained {heads.k}: "
                          "set object_classes to the number of object classes")
-    scorer.weight.copy_(heads.patch.weight[:heads.k])
-    scorer.bias.copy_(heads.patch.bias[:heads.k])
+    scorer.weight.copy_(heads.patch.weight[heads.rows("centres")])
+    scorer.bias.copy_(heads.patch.bias[heads.rows("centres")])
     if not model.config.object_codes:
         return
     colour_head = model.model.object_colour_head
     if colour_head.out_features != heads.c:
         raise ValueError(f"the model's object_colour_head has {colour_head.out_features} colours, Stage 0 trained "
                          f"{heads.c}: set object_colours to the number of colours")
-    box_rows = slice(heads.k, heads.k + 4)  # PatchHeads.sizes order: centres, box, ...
-    model.model.object_box_head.weight.copy_(heads.patch.weight[box_rows])
-    model.model.object_box_head.bias.copy_(heads.patch.bias[box_rows])
+    model.model.object_box_head.weight.copy_(heads.patch.weight[heads.rows("box")])
+    model.model.object_box_head.bias.copy_(heads.patch.bias[heads.rows("box")])
     # PatchHeads.forward: colour logits = (token . colour word direction) * scale + bias
     colours = slice(heads.k, heads.k + heads.c)
     colour_head.weight.copy_(heads.names[colours] * heads.name_scale[colours, None])
